@@ -1,0 +1,177 @@
+//! Named network namespaces, compatible with iproute2 (`/run/netns/NAME`), so
+//! `ip netns exec` and `ip -n` work on the namespaces skep makes.
+//!
+//! A namespace stays alive through a bind mount of its nsfs inode; code runs
+//! inside it on a dedicated thread that `setns`es, because the network
+//! namespace is per thread and must not leak into a tokio worker.
+
+use crate::DataplaneError;
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns, unshare},
+};
+use std::{
+    fs::{self, File, OpenOptions},
+    path::{Path, PathBuf},
+};
+
+const NETNS_DIR: &str = "/run/netns";
+
+/// A named network namespace. Dropping it deletes the namespace (and with
+/// it every interface inside), so tests clean up even when they panic.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+    path: PathBuf,
+    owned: bool,
+}
+
+impl NetNs {
+    /// Creates a new, empty namespace (only `lo`, down) named `name`.
+    pub fn create(name: &str) -> Result<Self, DataplaneError> {
+        let err = |action: &'static str| {
+            let name = name.to_owned();
+            move |source: std::io::Error| DataplaneError::NetNs { name, action, source }
+        };
+        fs::create_dir_all(NETNS_DIR).map_err(err("creating /run/netns"))?;
+        let path = Path::new(NETNS_DIR).join(name);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(err("creating the mount point"))?;
+        let ns = Self {
+            name: name.to_owned(),
+            path: path.clone(),
+            owned: true,
+        };
+        // unshare() on a short-lived thread so the caller's thread keeps its
+        // namespace; the bind mount outlives the thread.
+        let bind = std::thread::scope(|s| {
+            s.spawn(|| -> std::io::Result<()> {
+                unshare(CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                mount(
+                    Some("/proc/thread-self/ns/net"),
+                    &path,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(std::io::Error::from)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")))
+        });
+        bind.map_err(err("bind-mounting the namespace"))?;
+        // Bring up loopback: many tools assume it.
+        ns.run(|| set_loopback_up())?
+            .map_err(err("bringing up lo"))?;
+        Ok(ns)
+    }
+
+    /// Refers to an existing namespace without taking ownership: dropping the
+    /// handle leaves the namespace alone.
+    pub fn open(name: &str) -> Result<Self, DataplaneError> {
+        let path = Path::new(NETNS_DIR).join(name);
+        File::open(&path).map_err(|source| DataplaneError::NetNs {
+            name: name.to_owned(),
+            action: "opening",
+            source,
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            path,
+            owned: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a thread inside this namespace and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, DataplaneError> {
+        let file = File::open(&self.path).map_err(|source| DataplaneError::NetNs {
+            name: self.name.clone(),
+            action: "opening",
+            source,
+        })?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| DataplaneError::NetNs {
+                    name: self.name.clone(),
+                    action: "entering (setns)",
+                    source: e.into(),
+                })?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Deletes the namespace now (also done on drop for owned handles).
+    pub fn delete(mut self) -> Result<(), DataplaneError> {
+        self.owned = false;
+        remove(&self.name, &self.path)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if self.owned
+            && let Err(e) = remove(&self.name, &self.path)
+        {
+            tracing::warn!(netns = %self.name, error = %e, "could not delete network namespace");
+        }
+    }
+}
+
+fn remove(name: &str, path: &Path) -> Result<(), DataplaneError> {
+    let err = |action: &'static str| {
+        move |source: std::io::Error| DataplaneError::NetNs {
+            name: name.to_owned(),
+            action,
+            source,
+        }
+    };
+    umount2(path, MntFlags::MNT_DETACH)
+        .map_err(std::io::Error::from)
+        .map_err(err("unmounting"))?;
+    fs::remove_file(path).map_err(err("removing the mount point"))
+}
+
+/// Sets `lo` up with a SIOCSIFFLAGS ioctl on a socket of the current thread's
+/// namespace.
+fn set_loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket(2) call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: fd is a valid socket and req a valid ifreq for these ioctls.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: fd is ours and still open.
+    unsafe { libc::close(fd) };
+    result
+}

@@ -1,0 +1,80 @@
+//! `cargo xtask bench <target>`: runs one benchmark and checks it left its
+//! report under target/bench/. Add a variant to [`BenchTarget`] (and a
+//! `Bench` entry to [`BenchTarget::spec`]) for each new benchmark (lb, api,
+//! dns…).
+
+use std::{fs, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+
+use crate::{
+    setup,
+    util::{self, Cmd},
+};
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum BenchTarget {
+    /// The state store: embedded SQLite vs a real local etcd
+    /// (`cargo bench -p skep-store --bench store`).
+    Store,
+}
+
+/// How to run one benchmark.
+#[derive(Debug)]
+struct Bench {
+    package: &'static str,
+    bench: &'static str,
+    /// The JSON report it writes, relative to the target directory.
+    report: &'static str,
+}
+
+impl BenchTarget {
+    fn spec(self) -> Bench {
+        match self {
+            Self::Store => Bench {
+                package: "skep-store",
+                bench: "store",
+                report: "bench/store.json",
+            },
+        }
+    }
+}
+
+pub fn run(target: BenchTarget) -> Result<()> {
+    // Benchmarks run against real peers (etcd…) that setup installs.
+    setup::run().context("setup (before the benchmark)")?;
+    let spec = target.spec();
+    let report = report_path(&spec);
+    // A report left by an earlier run must not pass for this run's.
+    if report.exists() {
+        fs::remove_file(&report)
+            .with_context(|| format!("removing the old report {}", report.display()))?;
+    }
+    Cmd::cargo()
+        .args(["bench", "-p", spec.package, "--bench", spec.bench])
+        .cwd(util::workspace_root())
+        .hint(format!(
+            "see the output above; the benchmark is `{}` in {}",
+            spec.bench, spec.package
+        ))
+        .run()
+        .with_context(|| format!("running the {} benchmark", spec.bench))?;
+    if !report.is_file() {
+        bail!(
+            "the {} benchmark finished but did not write {}",
+            spec.bench,
+            util::display_path(&report)
+        );
+    }
+    let text =
+        fs::read_to_string(&report).with_context(|| format!("reading {}", report.display()))?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .with_context(|| format!("{} is not valid JSON", report.display()))?;
+    println!("[bench] report: {}", report.display());
+    Ok(())
+}
+
+fn report_path(spec: &Bench) -> PathBuf {
+    util::target_dir().join(spec.report)
+}

@@ -1,0 +1,66 @@
+//! skep's task runner: `cargo xtask <command>` (the alias is in
+//! .cargo/config.toml). Every command it runs is echoed as `$ …` first.
+
+mod bench;
+mod build;
+mod ci;
+mod ebpf;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, test and benchmark skep")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what is missing (nightly + rust-src, bpf-linker, apt packages)
+    /// and mount bpffs; safe to rerun.
+    Setup,
+    /// Build the eBPF programs (ebpf/programs) and list their programs and maps.
+    BuildEbpf,
+    /// build-ebpf, then the release `skep` binary with the object embedded.
+    Build,
+    /// The full test run, as root: setup, build-ebpf, then every test phase.
+    Test,
+    /// cargo fmt --check, cargo clippy -D warnings, then `test`.
+    Ci,
+    /// Run a benchmark.
+    Bench {
+        #[command(subcommand)]
+        target: bench::BenchTarget,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => ebpf::build().map(drop),
+        Command::Build => build::run(),
+        Command::Test => test::run(),
+        Command::Ci => ci::run(),
+        Command::Bench { target } => bench::run(target),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("\nerror: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! `cargo xtask setup`: installs what is missing to build and test skep on a
+//! fresh Debian 12 machine. Every step first checks, so running it again
+//! only reports "present".
+
+use std::fs;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{self, Cmd};
+
+/// The nightly toolchain builds the eBPF programs (`-Z build-std=core`).
+pub const NIGHTLY: &str = "nightly";
+
+/// The bpf-linker release that can use the Rust toolchain's own LLVM 22
+/// (newer ones need a system LLVM ≥ 21, which Debian 12 lacks).
+pub const BPF_LINKER_VERSION: &str = "0.10.0";
+
+/// Debian packages the tests and benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "etcd-server",
+    "etcd-client",
+    "iptables",
+    "conntrack",
+];
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn step(msg: &str) {
+    println!("[setup] {msg}");
+}
+
+pub fn run() -> Result<()> {
+    let root = util::is_root()?;
+    nightly_toolchain()?;
+    rust_src()?;
+    bpf_linker()?;
+    apt_packages(root)?;
+    bpffs(root)?;
+    step("done: everything is in place");
+    Ok(())
+}
+
+fn rustup() -> Cmd {
+    Cmd::new("rustup").hint(
+        "install rustup (https://rustup.rs) and make sure ~/.cargo/bin is on PATH, then run `cargo xtask setup`",
+    )
+}
+
+/// Whether rustup knows a `nightly-…` toolchain.
+pub fn nightly_present() -> Result<bool> {
+    let Some(probe) = rustup().args(["toolchain", "list"]).probe() else {
+        bail!(
+            "`rustup` not found: install rustup (https://rustup.rs) and put ~/.cargo/bin on PATH"
+        );
+    };
+    Ok(probe.success
+        && probe
+            .stdout
+            .lines()
+            .any(|line| line.trim_start().starts_with(&format!("{NIGHTLY}-"))))
+}
+
+/// Whether the nightly toolchain has the `rust-src` component.
+pub fn rust_src_present() -> bool {
+    rustup()
+        .args(["component", "list", "--toolchain", NIGHTLY, "--installed"])
+        .probe()
+        .is_some_and(|p| {
+            p.success
+                && p.stdout
+                    .lines()
+                    .any(|line| line.trim().starts_with("rust-src"))
+        })
+}
+
+/// The version `bpf-linker --version` reports, `None` if it does not run.
+pub fn bpf_linker_version() -> Option<String> {
+    let probe = Cmd::new("bpf-linker").arg("--version").probe()?;
+    if !probe.success {
+        return None;
+    }
+    // "bpf-linker 0.10.0"
+    probe.stdout.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn nightly_toolchain() -> Result<()> {
+    if nightly_present()? {
+        step("nightly toolchain: present");
+        return Ok(());
+    }
+    step("installing the nightly toolchain…");
+    rustup()
+        .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+        .hint("check network access to static.rust-lang.org")
+        .run()
+        .context("installing the nightly toolchain")
+}
+
+fn rust_src() -> Result<()> {
+    if rust_src_present() {
+        step("rust-src for nightly: present");
+        return Ok(());
+    }
+    step("installing rust-src for nightly…");
+    rustup()
+        .args(["component", "add", "rust-src", "--toolchain", NIGHTLY])
+        .hint("check network access to static.rust-lang.org")
+        .run()
+        .context("installing rust-src for nightly")
+}
+
+fn bpf_linker() -> Result<()> {
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => {
+            step(&format!("bpf-linker {v}: present"));
+            return Ok(());
+        }
+        Some(v) => step(&format!(
+            "bpf-linker {v} found, need {BPF_LINKER_VERSION}; installing bpf-linker {BPF_LINKER_VERSION} (about 4 minutes)…"
+        )),
+        None => step(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} (about 4 minutes on 2 cores)…"
+        )),
+    }
+    Cmd::cargo()
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            "rust-llvm-22",
+            "--locked",
+        ])
+        .hint("bpf-linker 0.10.0 links against the Rust toolchain's LLVM 22 (feature rust-llvm-22); check network access to crates.io")
+        .run()
+        .context("installing bpf-linker")?;
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => Ok(()),
+        Some(v) => bail!(
+            "`bpf-linker --version` still reports {v} after installing {BPF_LINKER_VERSION}: another bpf-linker comes first on PATH (`which -a bpf-linker`)"
+        ),
+        None => bail!(
+            "bpf-linker was installed but `bpf-linker` does not run: put ~/.cargo/bin on PATH"
+        ),
+    }
+}
+
+/// The packages from `wanted` that dpkg does not report as installed.
+fn missing_apt_packages(wanted: &[&str]) -> Result<Vec<String>> {
+    // dpkg-query exits 1 when some package is unknown but still lists the
+    // others, so the listing decides, not the status.
+    let probe = Cmd::new("dpkg-query")
+        .args(["-W", "-f", "${Package}\\t${db:Status-Abbrev}\\n"])
+        .args(wanted)
+        .probe()
+        .context("`dpkg-query` not found: setup expects a Debian (12) machine")?;
+    let installed: Vec<&str> = probe
+        .stdout
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(_, status)| status.starts_with("ii"))
+        .map(|(name, _)| name)
+        .collect();
+    Ok(wanted
+        .iter()
+        .filter(|pkg| !installed.contains(pkg))
+        .map(|pkg| (*pkg).to_owned())
+        .collect())
+}
+
+fn apt_packages(root: bool) -> Result<()> {
+    let missing = missing_apt_packages(APT_PACKAGES)?;
+    if missing.is_empty() {
+        step(&format!(
+            "apt packages ({}): present",
+            APT_PACKAGES.join(", ")
+        ));
+        return Ok(());
+    }
+    if !root {
+        bail!(
+            "run as root: setup installs apt packages (missing: {})",
+            missing.join(", ")
+        );
+    }
+    step(&format!("installing apt packages: {}…", missing.join(", ")));
+    let apt = |cmd: Cmd| cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    apt(Cmd::new("apt-get").arg("update"))
+        .hint("check the apt sources in /etc/apt and network access to the Debian mirror")
+        .run()
+        .context("updating apt package lists")?;
+    apt(Cmd::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing))
+    .hint("see apt-get's messages above; `dpkg --configure -a` repairs an interrupted install")
+    .run()
+    .context("installing apt packages")?;
+    let still = missing_apt_packages(APT_PACKAGES)?;
+    if !still.is_empty() {
+        bail!(
+            "apt-get succeeded but these packages are still not installed: {}",
+            still.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn bpffs_mounted() -> Result<bool> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    Ok(mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, mountpoint, fstype) = (fields.next(), fields.next(), fields.next());
+        mountpoint == Some(BPFFS) && fstype == Some("bpf")
+    }))
+}
+
+fn bpffs(root: bool) -> Result<()> {
+    if bpffs_mounted()? {
+        step(&format!("bpffs at {BPFFS}: mounted"));
+        return Ok(());
+    }
+    if !root {
+        bail!("run as root: setup mounts bpffs at {BPFFS} (`mount -t bpf bpf {BPFFS}`)");
+    }
+    step(&format!("mounting bpffs at {BPFFS}…"));
+    Cmd::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .hint("the kernel needs CONFIG_BPF_SYSCALL; inside a container, run it with --privileged")
+        .run()
+        .context("mounting bpffs")
+}
