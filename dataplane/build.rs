@@ -10,7 +10,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SKEP_EBPF_OBJECT");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
     let default = manifest.join("../target/ebpf/bpfel-unknown-none/release/skep-ebpf");
-    let source = env::var_os("SKEP_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
+    let source = env::var_os("SKEP_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or(default);
     println!("cargo:rerun-if-changed={}", source.display());
 
     let out = PathBuf::from(env::var("OUT_DIR").unwrap_or_default()).join("skep-ebpf.o");

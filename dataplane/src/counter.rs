@@ -45,10 +45,12 @@ impl PacketCounter {
             .program_mut(names::PROG_TC_COUNT)
             .ok_or(DataplaneError::ProgramNotFound(names::PROG_TC_COUNT))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| DataplaneError::ProgramLoad {
-                program: names::PROG_TC_COUNT,
-                detail: e.to_string(),
-            })?;
+            .map_err(
+                |e: aya::programs::ProgramError| DataplaneError::ProgramLoad {
+                    program: names::PROG_TC_COUNT,
+                    detail: e.to_string(),
+                },
+            )?;
         program.load().map_err(|e| DataplaneError::ProgramLoad {
             program: names::PROG_TC_COUNT,
             detail: verifier_detail(&e),
@@ -100,12 +102,13 @@ impl PacketCounter {
     pub fn stats(&self, ifindex: u32) -> Result<Option<IfaceStats>, DataplaneError> {
         let map = self.map()?;
         match map.get(&ifindex, 0) {
-            Ok(per_cpu) => Ok(Some(per_cpu.iter().fold(IfaceStats::default(), |acc, s| {
-                IfaceStats {
+            Ok(per_cpu) => Ok(Some(per_cpu.iter().fold(
+                IfaceStats::default(),
+                |acc, s| IfaceStats {
                     packets: acc.packets + s.packets,
                     bytes: acc.bytes + s.bytes,
-                }
-            }))),
+                },
+            ))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(DataplaneError::Map {
                 map: names::MAP_IFACE_STATS,

@@ -31,7 +31,11 @@ impl NetNs {
     pub fn create(name: &str) -> Result<Self, DataplaneError> {
         let err = |action: &'static str| {
             let name = name.to_owned();
-            move |source: std::io::Error| DataplaneError::NetNs { name, action, source }
+            move |source: std::io::Error| DataplaneError::NetNs {
+                name,
+                action,
+                source,
+            }
         };
         fs::create_dir_all(NETNS_DIR).map_err(err("creating /run/netns"))?;
         let path = Path::new(NETNS_DIR).join(name);
@@ -64,8 +68,7 @@ impl NetNs {
         });
         bind.map_err(err("bind-mounting the namespace"))?;
         // Bring up loopback: many tools assume it.
-        ns.run(|| set_loopback_up())?
-            .map_err(err("bringing up lo"))?;
+        ns.run(set_loopback_up)?.map_err(err("bringing up lo"))?;
         Ok(ns)
     }
 

@@ -5,6 +5,8 @@
 //! in its map. Everything lives in namespaces this test creates (and
 //! deletes, even on panic), so no packet touches the host's network.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use skep_dataplane::{Direction, NetNs, PacketCounter};
 use std::{net::UdpSocket, process::Command, time::Duration};
 
@@ -32,13 +34,43 @@ fn tc_count_counts_real_packets_on_a_veth_in_a_netns() {
     let pod = NetNs::create(&format!("skep-t{tag}-pod")).expect("create pod netns");
 
     // Host-side veth in the node namespace, pod side (eth0) in the pod one.
-    ip(&["-n", node.name(), "link", "add", "vh-test", "type", "veth", "peer", "name", "eth0", "netns", pod.name()]);
-    ip(&["-n", node.name(), "addr", "add", "10.42.250.1/30", "dev", "vh-test"]);
+    ip(&[
+        "-n",
+        node.name(),
+        "link",
+        "add",
+        "vh-test",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.name(),
+    ]);
+    ip(&[
+        "-n",
+        node.name(),
+        "addr",
+        "add",
+        "10.42.250.1/30",
+        "dev",
+        "vh-test",
+    ]);
     ip(&["-n", node.name(), "link", "set", "vh-test", "up"]);
-    ip(&["-n", pod.name(), "addr", "add", "10.42.250.2/30", "dev", "eth0"]);
+    ip(&[
+        "-n",
+        pod.name(),
+        "addr",
+        "add",
+        "10.42.250.2/30",
+        "dev",
+        "eth0",
+    ]);
     ip(&["-n", pod.name(), "link", "set", "eth0", "up"]);
 
-    let mut counter = PacketCounter::load().expect("load tc_count (did `cargo xtask build-ebpf` run?)");
+    let mut counter =
+        PacketCounter::load().expect("load tc_count (did `cargo xtask build-ebpf` run?)");
     let ifindex = node
         .run(|| -> Result<u32, skep_dataplane::DataplaneError> {
             counter.attach("vh-test", Direction::Ingress)?;
@@ -79,9 +111,15 @@ fn tc_count_counts_real_packets_on_a_veth_in_a_netns() {
         .unwrap();
         receiver.join().unwrap()
     });
-    assert!(received > PACKETS * 9 / 10, "only {received} of {PACKETS} datagrams arrived");
+    assert!(
+        received > PACKETS * 9 / 10,
+        "only {received} of {PACKETS} datagrams arrived"
+    );
 
-    let stats = counter.stats(ifindex).unwrap().expect("tc_count saw the traffic");
+    let stats = counter
+        .stats(ifindex)
+        .unwrap()
+        .expect("tc_count saw the traffic");
     // Every datagram that arrived passed the ingress hook (plus ARP).
     assert!(
         stats.packets >= received as u64,
@@ -89,8 +127,16 @@ fn tc_count_counts_real_packets_on_a_veth_in_a_netns() {
         stats.packets,
         received
     );
-    assert!(stats.packets < received as u64 + 50, "counted {} packets for {received} datagrams", stats.packets);
-    assert!(stats.bytes >= (received * (PAYLOAD + 28)) as u64, "bytes {}", stats.bytes);
+    assert!(
+        stats.packets < received as u64 + 50,
+        "counted {} packets for {received} datagrams",
+        stats.packets
+    );
+    assert!(
+        stats.bytes >= (received * (PAYLOAD + 28)) as u64,
+        "bytes {}",
+        stats.bytes
+    );
 
     drop(counter);
     node.delete().expect("delete node netns");

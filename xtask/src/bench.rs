@@ -25,7 +25,8 @@ pub enum BenchTarget {
 struct Bench {
     package: &'static str,
     bench: &'static str,
-    /// The JSON report it writes, relative to the target directory.
+    /// The JSON report it writes, relative to the workspace root (the
+    /// benchmarks write under target/ whatever CARGO_TARGET_DIR says).
     report: &'static str,
 }
 
@@ -35,7 +36,7 @@ impl BenchTarget {
             Self::Store => Bench {
                 package: "skep-store",
                 bench: "store",
-                report: "bench/store.json",
+                report: "target/bench/store.json",
             },
         }
     }
@@ -76,5 +77,5 @@ pub fn run(target: BenchTarget) -> Result<()> {
 }
 
 fn report_path(spec: &Bench) -> PathBuf {
-    util::target_dir().join(spec.report)
+    util::workspace_root().join(spec.report)
 }

@@ -25,7 +25,7 @@ pub fn run() -> Result<()> {
         );
     }
     println!(
-        "[build] {} ({})",
+        "[build] binary {}: {}",
         util::display_path(&binary),
         util::file_size(&binary)?
     );

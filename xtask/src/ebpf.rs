@@ -175,7 +175,7 @@ pub fn inspect(path: &Path) -> Result<ObjectInfo> {
 
 fn print_object(path: &Path, info: &ObjectInfo) -> Result<()> {
     println!(
-        "[ebpf] {} ({})",
+        "[ebpf] object {}: {}",
         util::display_path(path),
         util::file_size(path)?
     );
@@ -201,4 +201,49 @@ fn print_object(path: &Path, info: &ObjectInfo) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_artifact_messages() {
+        let line = r#"{"reason":"compiler-artifact","executable":"/t/skep-ebpf","fresh":true}"#;
+        assert_eq!(
+            artifact_executable(line).unwrap(),
+            Some(PathBuf::from("/t/skep-ebpf"))
+        );
+        let lib = r#"{"reason":"compiler-artifact","executable":null}"#;
+        assert_eq!(artifact_executable(lib).unwrap(), None);
+        assert_eq!(
+            artifact_executable(r#"{"reason":"build-finished"}"#).unwrap(),
+            None
+        );
+        assert_eq!(artifact_executable("warning: text").unwrap(), None);
+    }
+
+    /// Reads the real object when `build-ebpf` has produced it.
+    #[test]
+    fn inspects_the_built_object() {
+        let path = object_path();
+        if !path.is_file() {
+            eprintln!("skipped: {} not built", path.display());
+            return;
+        }
+        let info = inspect(&path).unwrap();
+        assert!(
+            info.programs
+                .contains(&("classifier".into(), "tc_count".into())),
+            "{info:?}"
+        );
+        assert!(
+            info.maps.iter().any(|(_, name)| name == "IFACE_STATS"),
+            "{info:?}"
+        );
+        assert!(
+            info.programs.iter().all(|(section, _)| section != ".text"),
+            "{info:?}"
+        );
+    }
 }

@@ -15,7 +15,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about = "Build, test and benchmark skep")]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test and benchmark skep"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     "iptables",
     "conntrack",
+    // etcd-client generates its gRPC code with protoc at build time.
+    "protobuf-compiler",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -49,11 +51,7 @@ fn rustup() -> Cmd {
 
 /// Whether rustup knows a `nightly-…` toolchain.
 pub fn nightly_present() -> Result<bool> {
-    let Some(probe) = rustup().args(["toolchain", "list"]).probe() else {
-        bail!(
-            "`rustup` not found: install rustup (https://rustup.rs) and put ~/.cargo/bin on PATH"
-        );
-    };
+    let probe = rustup().args(["toolchain", "list"]).probe()?;
     Ok(probe.success
         && probe
             .stdout
@@ -66,7 +64,7 @@ pub fn rust_src_present() -> bool {
     rustup()
         .args(["component", "list", "--toolchain", NIGHTLY, "--installed"])
         .probe()
-        .is_some_and(|p| {
+        .is_ok_and(|p| {
             p.success
                 && p.stdout
                     .lines()
@@ -76,7 +74,7 @@ pub fn rust_src_present() -> bool {
 
 /// The version `bpf-linker --version` reports, `None` if it does not run.
 pub fn bpf_linker_version() -> Option<String> {
-    let probe = Cmd::new("bpf-linker").arg("--version").probe()?;
+    let probe = Cmd::new("bpf-linker").arg("--version").probe().ok()?;
     if !probe.success {
         return None;
     }
@@ -154,7 +152,7 @@ fn missing_apt_packages(wanted: &[&str]) -> Result<Vec<String>> {
         .args(["-W", "-f", "${Package}\\t${db:Status-Abbrev}\\n"])
         .args(wanted)
         .probe()
-        .context("`dpkg-query` not found: setup expects a Debian (12) machine")?;
+        .context("setup expects a Debian (12) machine, with dpkg")?;
     let installed: Vec<&str> = probe
         .stdout
         .lines()

@@ -42,7 +42,7 @@ pub const PHASES: &[Phase] = &[Phase {
 
 pub fn run() -> Result<()> {
     util::require_root(
-        "`cargo xtask test` needs root: the tests create network namespaces, load BPF programs and setup installs apt packages",
+        "the tests create network namespaces and load BPF programs (and setup installs apt packages); rerun with sudo or in a root shell",
     )?;
     setup::run().context("setup (before the tests)")?;
     let ebpf_object = ebpf::build()?;

@@ -209,18 +209,18 @@ impl Cmd {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Echoes and runs a check (a query whose answer decides what to do).
-    /// Returns `None` when the program cannot be started at all (not
-    /// installed), otherwise its exit status and stdout, whatever the status.
-    pub fn probe(&self) -> Option<Probe> {
+    /// Echoes and runs a check (a query whose answer decides what to do):
+    /// its exit status and stdout, whatever the status. Fails only when the
+    /// program cannot be started (not installed, not on PATH…).
+    pub fn probe(&self) -> Result<Probe> {
         println!("$ {}", self.render());
         let output = self
             .command()
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
-            .ok()?;
-        Some(Probe {
+            .map_err(|e| self.spawn_error(e))?;
+        Ok(Probe {
             success: output.status.success(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         })
@@ -329,5 +329,59 @@ pub fn require_root(why: &str) -> Result<()> {
         Ok(())
     } else {
         bail!("run as root: {why}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_for_the_echo() {
+        assert_eq!(shell_quote(OsStr::new("build-std=core")), "build-std=core");
+        assert_eq!(shell_quote(OsStr::new("a b")), "'a b'");
+        assert_eq!(shell_quote(OsStr::new("it's")), r"'it'\''s'");
+        assert_eq!(shell_quote(OsStr::new("")), "''");
+    }
+
+    #[test]
+    fn echo_shows_env_and_directory() {
+        let cmd = Cmd::new("/usr/bin/env")
+            .args(["true", "x y"])
+            .env("K", "v 1")
+            .cwd(workspace_root().join("ebpf"));
+        assert_eq!(cmd.render(), "K='v 1' env true 'x y'   (in ebpf)");
+    }
+
+    #[test]
+    fn failure_names_command_status_and_hint() {
+        let err = Cmd::new("sh")
+            .args(["-c", "exit 3"])
+            .hint("do this")
+            .run()
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("`sh -c 'exit 3'` failed (exit status 3)"),
+            "{msg}"
+        );
+        assert!(msg.contains("hint: do this"), "{msg}");
+    }
+
+    #[test]
+    fn missing_program_is_reported() {
+        let err = Cmd::new("skep-no-such-program").probe().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot run `skep-no-such-program`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_size(10), "10 bytes");
+        assert_eq!(human_size(1432), "1432 bytes (1.4 KiB)");
+        assert_eq!(human_size(3 << 20), "3145728 bytes (3.0 MiB)");
     }
 }

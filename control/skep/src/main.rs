@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "skep", version, about = "A Kubernetes distribution in one binary, with an eBPF dataplane")]
+#[command(
+    name = "skep",
+    version,
+    about = "A Kubernetes distribution in one binary, with an eBPF dataplane"
+)]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info,skep_store=debug`.
     #[arg(long, global = true, env = "SKEP_LOG", default_value = "info")]
@@ -58,7 +62,9 @@ fn main() -> Result<()> {
     tracing::debug!(?cli, "starting");
     match cli.command {
         Command::Check => check(),
-        Command::Server(args) => unavailable("server", "[api]", &format!("{}", args.data_dir.display())),
+        Command::Server(args) => {
+            unavailable("server", "[api]", &format!("{}", args.data_dir.display()))
+        }
         Command::Agent(_) => unavailable("agent", "[node]", ""),
         Command::Ctl { .. } => unavailable("ctl", "[api]", ""),
         Command::Sidecar => unavailable("sidecar", "[mesh]", ""),
@@ -75,7 +81,11 @@ fn check() -> Result<()> {
     println!("skep {}", env!("CARGO_PKG_VERSION"));
     println!(
         "eBPF object embedded: {}",
-        if skep_dataplane::object::is_embedded() { "yes" } else { "no (run `cargo xtask build`)" }
+        if skep_dataplane::object::is_embedded() {
+            "yes"
+        } else {
+            "no (run `cargo xtask build`)"
+        }
     );
     Ok(())
 }

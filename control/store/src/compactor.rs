@@ -33,7 +33,9 @@ impl Compactor {
                 if let Some(target) = previous.filter(|&r| r > 0) {
                     match store.compact(target).await {
                         Ok(()) => tracing::debug!(revision = target, "store compacted"),
-                        Err(e) => tracing::warn!(revision = target, error = %e, "compaction failed"),
+                        Err(e) => {
+                            tracing::warn!(revision = target, error = %e, "compaction failed")
+                        }
                     }
                 }
                 previous = Some(current);

@@ -29,7 +29,10 @@ pub struct Deleted {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// `kv` was created (`prev` is `None`) or updated.
-    Put { kv: KeyValue, prev: Option<KeyValue> },
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
     /// `key` was deleted at `revision`. `prev` is the deleted value; it is
     /// only missing for an event exactly at a compaction boundary, whose
     /// previous value may already be compacted.
@@ -138,7 +141,10 @@ mod tests {
 
     #[test]
     fn prefix_end_increments_the_last_byte() {
-        assert_eq!(prefix_end(b"/registry/pods/"), Some(b"/registry/pods0".to_vec()));
+        assert_eq!(
+            prefix_end(b"/registry/pods/"),
+            Some(b"/registry/pods0".to_vec())
+        );
         assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
         assert_eq!(prefix_end(b"\xff\xff"), None);
         assert_eq!(prefix_end(b""), None);

@@ -1,6 +1,8 @@
 //! Durability: a writer process is SIGKILLed mid-stream; every write it saw
 //! acknowledged must be in the store when it is reopened.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use skep_store::{ListRequest, SqliteStore, Store};
 use std::{
     collections::BTreeSet,
@@ -31,7 +33,10 @@ async fn acknowledged_writes_survive_sigkill() {
             .expect("writer ended before being killed")
             .unwrap();
         acked.insert(line.strip_prefix("ack ").unwrap().to_owned());
-        assert!(started.elapsed() < Duration::from_secs(60), "writer too slow");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "writer too slow"
+        );
     }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -58,8 +63,15 @@ async fn acknowledged_writes_survive_sigkill() {
         .map(|kv| kv.key)
         .collect();
     let lost: Vec<_> = acked.difference(&present).take(5).collect();
-    assert!(lost.is_empty(), "{} acknowledged keys lost, e.g. {lost:?}", acked.difference(&present).count());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged keys lost, e.g. {lost:?}",
+        acked.difference(&present).count()
+    );
     // The revision continues after the reopened history.
-    let next = store.create("/crash/after", bytes::Bytes::from_static(b"x")).await.unwrap();
+    let next = store
+        .create("/crash/after", bytes::Bytes::from_static(b"x"))
+        .await
+        .unwrap();
     assert_eq!(next.mod_revision, present.len() as i64 + 1);
 }

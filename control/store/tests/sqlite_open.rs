@@ -1,6 +1,8 @@
 //! Opening the SQLite store: persistence across reopen, and clear errors (not
 //! a silent new database) for files that are not a skep store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use bytes::Bytes;
 use skep_store::{ListRequest, SqliteStore, Store, StoreError};
 
@@ -26,10 +28,18 @@ async fn reopening_keeps_objects_and_revision() {
     assert_eq!(page.items.len(), 1);
     // The compaction point survives too.
     assert!(matches!(
-        s.list(ListRequest { prefix: "/k/", revision: Some(1), ..Default::default() }).await,
+        s.list(ListRequest {
+            prefix: "/k/",
+            revision: Some(1),
+            ..Default::default()
+        })
+        .await,
         Err(StoreError::Compacted { .. })
     ));
-    let next = s.create("/k/3", Bytes::from_static(b"three")).await.unwrap();
+    let next = s
+        .create("/k/3", Bytes::from_static(b"three"))
+        .await
+        .unwrap();
     assert_eq!(next.mod_revision, rev + 1);
 }
 
@@ -43,8 +53,15 @@ fn a_file_that_is_not_sqlite_is_refused_and_left_alone() {
     assert!(matches!(err, StoreError::Corrupt { .. }), "got {err:?}");
     let message = err.to_string();
     assert!(message.contains(&path.display().to_string()), "{message}");
-    assert!(message.contains("backup") || message.contains("move it away"), "{message}");
-    assert_eq!(std::fs::read(&path).unwrap(), garbage, "the file was modified");
+    assert!(
+        message.contains("backup") || message.contains("move it away"),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        garbage,
+        "the file was modified"
+    );
 }
 
 #[test]
@@ -59,7 +76,9 @@ fn another_sqlite_database_is_refused() {
     let err = SqliteStore::open(&path).unwrap_err();
     assert!(err.to_string().contains("not a skep store"), "{err}");
     let c = rusqlite::Connection::open(&path).unwrap();
-    let n: i64 = c.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0)).unwrap();
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 1);
 }
 
@@ -68,6 +87,9 @@ fn a_directory_in_place_of_the_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let err = SqliteStore::open(dir.path()).unwrap_err();
     let message = err.to_string();
-    assert!(message.contains(&dir.path().display().to_string()), "{message}");
+    assert!(
+        message.contains(&dir.path().display().to_string()),
+        "{message}"
+    );
     assert!(message.contains("directory"), "{message}");
 }
