@@ -18,6 +18,9 @@ pub enum BenchTarget {
     /// The state store: embedded SQLite vs a real local etcd
     /// (`cargo bench -p skep-store --bench store`).
     Store,
+    /// The API server: request latency, LIST of 10,000 pods, watch fan-out,
+    /// memory (`cargo bench -p skep --bench api`).
+    Api,
 }
 
 /// How to run one benchmark.
@@ -37,6 +40,11 @@ impl BenchTarget {
                 package: "skep-store",
                 bench: "store",
                 report: "target/bench/store.json",
+            },
+            Self::Api => Bench {
+                package: "skep",
+                bench: "api",
+                report: "target/bench/api.json",
             },
         }
     }

@@ -8,6 +8,7 @@ mod ebpf;
 mod setup;
 mod test;
 mod util;
+mod vm_test;
 
 use std::process::ExitCode;
 
@@ -27,7 +28,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what is missing (nightly + rust-src, bpf-linker, apt packages)
+    /// Install what is missing (nightly + rust-src, bpf-linker, apt packages,
+    /// qemu 10 from bookworm-backports)
     /// and mount bpffs; safe to rerun.
     Setup,
     /// Build the eBPF programs (ebpf/programs) and list their programs and maps.
@@ -38,6 +40,9 @@ enum Command {
     Test,
     /// cargo fmt --check, cargo clippy -D warnings, then `test`.
     Ci,
+    /// Boot Debian's Linux 5.10 cloud kernel under qemu and run the
+    /// dataplane's tests inside (downloads the kernel; needs `setup`).
+    VmTest(vm_test::Args),
     /// Run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -52,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Build => build::run(),
         Command::Test => test::run(),
         Command::Ci => ci::run(),
+        Command::VmTest(args) => vm_test::run(&args),
         Command::Bench { target } => bench::run(target),
     }
 }

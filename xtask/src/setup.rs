@@ -6,7 +6,10 @@ use std::fs;
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{self, Cmd};
+use crate::{
+    util::{self, Cmd},
+    vm_test,
+};
 
 /// The nightly toolchain builds the eBPF programs (`-Z build-std=core`).
 pub const NIGHTLY: &str = "nightly";
@@ -15,7 +18,7 @@ pub const NIGHTLY: &str = "nightly";
 /// (newer ones need a system LLVM ≥ 21, which Debian 12 lacks).
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 
-/// Debian packages the tests and benchmarks use.
+/// Debian packages the tests and benchmarks use (qemu: see [`qemu`]).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "etcd-server",
@@ -24,6 +27,31 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     // etcd-client generates its gRPC code with protoc at build time.
     "protobuf-compiler",
+    // vm-test: the guest's shell and tools (statically linked); gcc and
+    // libc6-dev build its static exit helper, binutils strips the test
+    // binaries, the keyring signs the private apt sources.
+    "busybox-static",
+    "gcc",
+    "libc6-dev",
+    "binutils",
+    "debian-archive-keyring",
+    // API tests talk HTTP to the server directly and mint client
+    // certificates.
+    "curl",
+    "openssl",
+];
+
+/// Python packages of the API tests: the official Kubernetes client, pinned.
+const PIP_PACKAGES: &[(&str, &str)] = &[("kubernetes", "33.1.0")];
+
+/// qemu for vm-test, from bookworm-backports: the image ships qemu-utils at
+/// this version, and bookworm's own qemu-system-x86 (7.2) would replace it.
+const QEMU_VERSION: &str = "1:10.0.2+ds-2+deb13u1~bpo12+1";
+const QEMU_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-system-common",
+    "qemu-system-data",
+    "qemu-utils",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -38,7 +66,9 @@ pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     apt_packages(root)?;
+    qemu(root)?;
     bpffs(root)?;
+    pip_packages()?;
     step("done: everything is in place");
     Ok(())
 }
@@ -204,6 +234,49 @@ fn apt_packages(root: bool) -> Result<()> {
     Ok(())
 }
 
+/// qemu-system-x86 and friends at [`QEMU_VERSION`], installed through a
+/// private apt configuration (bookworm + backports; /etc/apt is not
+/// touched) with `-t bookworm-backports` (qemu 10 needs seabios from
+/// there) and `--no-remove`, so nothing already installed is removed.
+fn qemu(root: bool) -> Result<()> {
+    if let Some(path) = vm_test::find_program("qemu-system-x86_64") {
+        step(&format!("qemu-system-x86_64: present ({})", path.display()));
+        return Ok(());
+    }
+    if !root {
+        bail!("run as root: setup installs qemu-system-x86 {QEMU_VERSION} for vm-test");
+    }
+    step(&format!(
+        "installing qemu-system-x86 {QEMU_VERSION} from bookworm-backports (private apt configuration in target/vm/apt-bookworm)…"
+    ));
+    let (archive, security) = vm_test::debian_mirrors();
+    let apt = vm_test::PrivateApt::new(
+        &util::target_dir().join("vm/apt-bookworm"),
+        &[
+            (archive.clone(), "bookworm"),
+            (archive.clone(), "bookworm-updates"),
+            (archive, "bookworm-backports"),
+            (security, "bookworm-security"),
+        ],
+    )?;
+    apt.apt_get()
+        .arg("update")
+        .hint("check network access to the Debian archive")
+        .run()
+        .context("updating the private bookworm(-backports) package lists")?;
+    apt.apt_get()
+        .args(["install", "-y", "--no-install-recommends", "--no-remove"])
+        .args(["-t", "bookworm-backports"])
+        .args(QEMU_PACKAGES.iter().map(|p| format!("{p}={QEMU_VERSION}")))
+        .hint("see apt-get's messages above; `dpkg --configure -a` repairs an interrupted install")
+        .run()
+        .context("installing qemu from bookworm-backports")?;
+    if vm_test::find_program("qemu-system-x86_64").is_none() {
+        bail!("qemu-system-x86 was installed but qemu-system-x86_64 is not on PATH");
+    }
+    Ok(())
+}
+
 fn bpffs_mounted() -> Result<bool> {
     let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     Ok(mounts.lines().any(|line| {
@@ -227,4 +300,34 @@ fn bpffs(root: bool) -> Result<()> {
         .hint("the kernel needs CONFIG_BPF_SYSCALL; inside a container, run it with --privileged")
         .run()
         .context("mounting bpffs")
+}
+
+/// Installs the pinned Python packages the API tests use, unless the
+/// installed version already matches.
+fn pip_packages() -> Result<()> {
+    for (name, version) in PIP_PACKAGES {
+        let probe = Cmd::new("python3")
+            .args([
+                "-c",
+                &format!("import importlib.metadata as m; print(m.version({name:?}))"),
+            ])
+            .probe()?;
+        if probe.success && probe.stdout.trim() == *version {
+            step(&format!("python package {name}=={version}: present"));
+            continue;
+        }
+        step(&format!("installing python package {name}=={version}…"));
+        Cmd::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("{name}=={version}"),
+            ])
+            .hint("pip must reach PyPI; check `python3 -m pip --version` and the network")
+            .run()?;
+    }
+    Ok(())
 }

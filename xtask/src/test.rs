@@ -3,8 +3,8 @@
 //! they fail; after them every test phase runs, even when an earlier one
 //! failed, and the summary names the ones that failed.
 //!
-//! To add a phase (vm-test on Linux 5.10 under qemu, python client tests…),
-//! write a `fn(&TestEnv) -> Result<()>` and append it to [`PHASES`].
+//! To add a phase (e.g. python client tests), write a
+//! `fn(&TestEnv) -> Result<()>` and append it to [`PHASES`].
 
 use std::{
     path::PathBuf,
@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::{
     ebpf, setup,
     util::{self, Cmd},
+    vm_test,
 };
 
 /// What the phases get from the prerequisites.
@@ -34,11 +35,18 @@ pub struct Phase {
 }
 
 /// The test phases, in the order they run.
-pub const PHASES: &[Phase] = &[Phase {
-    name: "cargo-test",
-    about: "cargo test --workspace (the dataplane tests load the real eBPF object)",
-    run: cargo_test,
-}];
+pub const PHASES: &[Phase] = &[
+    Phase {
+        name: "cargo-test",
+        about: "cargo test --workspace (the dataplane tests load the real eBPF object)",
+        run: cargo_test,
+    },
+    Phase {
+        name: "vm-test",
+        about: "the dataplane's tests inside Linux 5.10 under qemu (cargo xtask vm-test)",
+        run: vm_test::phase,
+    },
+];
 
 pub fn run() -> Result<()> {
     util::require_root(

@@ -209,6 +209,40 @@ impl Cmd {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Echoes and runs the command with stdin closed, passing each line of
+    /// its stdout (lossily decoded, `\r` removed) to `on_line` as it comes;
+    /// stderr stays on the terminal. Returns the exit status, whatever it
+    /// is: the caller decides what it means.
+    pub fn run_streaming(&self, mut on_line: impl FnMut(&str)) -> Result<ExitStatus> {
+        println!("$ {}", self.render());
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.spawn_error(e))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("`{}`: stdout was not captured", self.short()))?;
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = reader
+                .read_until(b'\n', &mut buf)
+                .with_context(|| format!("reading output of `{}`", self.short()))?;
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf);
+            on_line(line.trim_end_matches(['\n', '\r']).trim_start_matches('\r'));
+        }
+        child
+            .wait()
+            .with_context(|| format!("waiting for `{}`", self.short()))
+    }
+
     /// Echoes and runs a check (a query whose answer decides what to do):
     /// its exit status and stdout, whatever the status. Fails only when the
     /// program cannot be started (not installed, not on PATH…).

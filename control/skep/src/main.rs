@@ -1,8 +1,9 @@
 //! The `skep` binary: every role of a skep cluster in one executable.
 
+mod server;
+
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -21,8 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Control plane plus a local node: apiserver, store, scheduler, controllers, DNS.
-    Server(ServerArgs),
+    /// Control plane: API server over the store (SQLite or etcd).
+    Server(server::ServerArgs),
     /// A node: kubelet, dataplane and flow observer, joined to a server.
     Agent(AgentArgs),
     /// Command-line client: apply, get, flows, svc, policy, bpf, status.
@@ -32,15 +33,8 @@ enum Command {
     },
     /// The mTLS proxy injected into meshed pods.
     Sidecar,
-    /// Report what this binary carries and whether this host can run the dataplane.
+    /// Report what this binary carries.
     Check,
-}
-
-#[derive(Debug, clap::Args)]
-struct ServerArgs {
-    /// Directory for the store, certificates and kubeconfig.
-    #[arg(long, env = "SKEP_DATA_DIR", default_value = "/var/lib/skep/server")]
-    data_dir: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,21 +53,22 @@ fn main() -> Result<()> {
         .with_env_filter(EnvFilter::try_new(&cli.log)?)
         .with_writer(std::io::stderr)
         .init();
-    tracing::debug!(?cli, "starting");
     match cli.command {
         Command::Check => check(),
         Command::Server(args) => {
-            unavailable("server", "[api]", &format!("{}", args.data_dir.display()))
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(server::run(args))
         }
-        Command::Agent(_) => unavailable("agent", "[node]", ""),
-        Command::Ctl { .. } => unavailable("ctl", "[api]", ""),
-        Command::Sidecar => unavailable("sidecar", "[mesh]", ""),
+        Command::Agent(_) => unavailable("agent", "[node]"),
+        Command::Ctl { .. } => unavailable("ctl", "[api]"),
+        Command::Sidecar => unavailable("sidecar", "[mesh]"),
     }
 }
 
-/// The roles other than `check` are built by later issues; say so plainly
-/// instead of pretending.
-fn unavailable(role: &str, issue: &str, _context: &str) -> Result<()> {
+/// Roles built by later issues say so plainly instead of pretending.
+fn unavailable(role: &str, issue: &str) -> Result<()> {
     bail!("`skep {role}` is not yet available in this build (it arrives with the {issue} issue)")
 }
 

@@ -193,7 +193,7 @@ fn open_connection(path: &Path, write: bool) -> Result<Connection> {
         .map_err(|e| classify(path, e))?;
     // Reads of large ranges (a LIST of 10,000 pods) stay in memory: a
     // bigger page cache, and mmap so hot pages cost no read(2) each.
-    conn.pragma_update(None, "cache_size", -65536i64)
+    conn.pragma_update(None, "cache_size", -16384i64)
         .map_err(|e| classify(path, e))?;
     conn.pragma_update(None, "mmap_size", 1i64 << 30)
         .map_err(|e| classify(path, e))?;
