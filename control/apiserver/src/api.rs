@@ -285,6 +285,28 @@ impl Api {
             return Ok(());
         }
         let Some(schema) = &info.schema else {
+            if query.get("fieldValidation").map(String::as_str) == Some("Strict") {
+                let av = obj
+                    .get("apiVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                let unknown =
+                    crate::strict::unknown_fields(&av, &info.kind, obj).unwrap_or_default();
+                if !unknown.is_empty() {
+                    let list: Vec<String> = unknown
+                        .iter()
+                        .map(|f| format!("unknown field \"{f}\""))
+                        .collect();
+                    return Err(ApiError::bad_request(format!(
+                        "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                        info.kind,
+                        info.api_version(),
+                        info.kind,
+                        list.join(", ")
+                    )));
+                }
+            }
             return Ok(());
         };
         let unknown = if query.get("fieldValidation").map(String::as_str) == Some("Strict") {

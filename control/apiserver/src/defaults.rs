@@ -186,11 +186,17 @@ pub fn apply(group: &str, plural: &str, object: &mut Value) {
             default_field(spec, "replicas", json!(1));
             default_field(spec, "revisionHistoryLimit", json!(10));
             default_field(spec, "progressDeadlineSeconds", json!(600));
-            default_field(
-                spec,
-                "strategy",
-                json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}),
-            );
+            // `strategy: {}` and a RollingUpdate without parameters get the
+            // upstream defaults too.
+            if let Some(strategy) = child(spec, "strategy") {
+                default_field(strategy, "type", json!("RollingUpdate"));
+                if strategy.get("type").and_then(Value::as_str) == Some("RollingUpdate")
+                    && let Some(ru) = child(strategy, "rollingUpdate")
+                {
+                    default_field(ru, "maxSurge", json!("25%"));
+                    default_field(ru, "maxUnavailable", json!("25%"));
+                }
+            }
         }
         ("apps", "replicasets") | ("", "replicationcontrollers") => {
             template(object);

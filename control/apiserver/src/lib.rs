@@ -27,6 +27,7 @@ pub mod routes;
 pub mod selectors;
 pub mod server;
 pub mod status;
+pub mod strict;
 pub mod table;
 pub mod tokens;
 pub mod validation;

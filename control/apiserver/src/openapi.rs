@@ -25,6 +25,29 @@ fn hash(s: &str) -> String {
     format!("{h:016X}")
 }
 
+/// Built-in schemas (for `kubectl explain`) plus each custom resource's
+/// `openAPIV3Schema`.
+fn schemas(registry: &Registry, group: &str, version: &str) -> Map<String, Value> {
+    let mut out = crate::openapi_schemas::components(registry, group, version);
+    for r in registry.in_group_version(group, version) {
+        if let Some(schema) = &r.schema {
+            let mut s = schema.clone();
+            s["x-kubernetes-group-version-kind"] =
+                json!([{"group": r.group, "version": r.version, "kind": r.kind}]);
+            out.insert(
+                format!(
+                    "{}.{}.{}",
+                    r.group.split('.').rev().collect::<Vec<_>>().join("."),
+                    r.version,
+                    r.kind
+                ),
+                s,
+            );
+        }
+    }
+    out
+}
+
 /// `/openapi/v3`: where each group version's document is.
 pub fn index(registry: &Registry) -> Value {
     let mut paths = Map::new();
@@ -39,6 +62,40 @@ pub fn index(registry: &Registry) -> Value {
         }
     }
     json!({"paths": paths})
+}
+
+/// The OpenAPI documents, encoded once per registry generation (building
+/// them with every built-in schema costs far more than serving them).
+#[derive(Debug, Default)]
+pub struct Cache {
+    inner: std::sync::Mutex<(u64, std::collections::HashMap<String, bytes::Bytes>)>,
+}
+
+impl Cache {
+    /// The encoded document for `key` ("" for the index, else the group
+    /// version path), built by `make` when missing or stale.
+    pub fn get(
+        &self,
+        registry: &Registry,
+        key: &str,
+        make: impl FnOnce() -> Value,
+    ) -> bytes::Bytes {
+        let generation = registry.generation();
+        if let Ok(guard) = self.inner.lock()
+            && guard.0 == generation
+            && let Some(doc) = guard.1.get(key)
+        {
+            return doc.clone();
+        }
+        let doc = bytes::Bytes::from(make().to_string());
+        if let Ok(mut guard) = self.inner.lock() {
+            if guard.0 != generation {
+                *guard = (generation, Default::default());
+            }
+            guard.1.insert(key.to_owned(), doc.clone());
+        }
+        doc
+    }
 }
 
 fn param(name: &str, description: &str) -> Value {
@@ -139,7 +196,7 @@ pub fn group_version(registry: &Registry, group: &str, version: &str) -> Value {
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes", "version": "v1.31.0"},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas(registry, group, version)},
     })
 }
 

@@ -501,6 +501,9 @@ pub struct GroupVersions {
 #[derive(Debug, Default)]
 pub struct Registry {
     resources: RwLock<Vec<Arc<ResourceInfo>>>,
+    /// Bumped on every change, so derived documents (OpenAPI) know when to
+    /// rebuild.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -529,6 +532,7 @@ impl Registry {
             .collect();
         Self {
             resources: RwLock::new(resources),
+            generation: Default::default(),
         }
     }
 
@@ -561,6 +565,15 @@ impl Registry {
             .collect()
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub fn all(&self) -> Vec<Arc<ResourceInfo>> {
         self.read().clone()
     }
@@ -591,12 +604,16 @@ impl Registry {
             !(r.group == info.group && r.version == info.version && r.plural == info.plural)
         });
         w.push(Arc::new(info));
+        drop(w);
+        self.bump();
     }
 
     /// Removes every version of a custom resource.
     pub fn remove(&self, group: &str, plural: &str) {
         let mut w = self.resources.write().unwrap_or_else(|e| e.into_inner());
         w.retain(|r| !(r.group == group && r.plural == plural));
+        drop(w);
+        self.bump();
     }
 }
 

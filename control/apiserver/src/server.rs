@@ -122,6 +122,7 @@ struct State {
     metrics: Metrics,
     authorizer: Arc<rbac::Authorizer>,
     signer: Arc<tokens::Signer>,
+    openapi: openapi::Cache,
 }
 
 impl State {
@@ -193,6 +194,61 @@ fn user_from_certificate(der: &[u8]) -> Option<User> {
         .collect();
     groups.push("system:authenticated".into());
     Some(User { name, groups })
+}
+
+/// `Impersonate-User` / `Impersonate-Group` (kubectl `--as`, `--as-group`):
+/// the caller must be allowed to impersonate each; the request then runs as
+/// the impersonated user.
+fn impersonate(state: &State, req: &Request<Incoming>, caller: User) -> Result<User, ApiError> {
+    let headers = req.headers();
+    let Some(name) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+    else {
+        if headers.contains_key("impersonate-group") {
+            return Err(ApiError::bad_request(
+                "Impersonate-Group requires Impersonate-User",
+            ));
+        }
+        return Ok(caller);
+    };
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let check = |resource: &str, name: &str, namespace: &str| {
+        let a = rbac::Attributes {
+            verb: "impersonate".into(),
+            resource: resource.into(),
+            name: name.into(),
+            namespace: namespace.into(),
+            ..Default::default()
+        };
+        if state.authorizer.authorize(&caller, &a).0 {
+            Ok(())
+        } else {
+            Err(forbidden(&caller, &a))
+        }
+    };
+    match name
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'))
+    {
+        Some((ns, sa)) => check("serviceaccounts", sa, ns)?,
+        None => check("users", name, "")?,
+    }
+    for g in &groups {
+        check("groups", g, "")?;
+    }
+    let mut all = groups;
+    if !all.iter().any(|g| g == "system:authenticated") {
+        all.push("system:authenticated".into());
+    }
+    Ok(User {
+        name: name.to_owned(),
+        groups: all,
+    })
 }
 
 fn forbidden(user: &User, a: &rbac::Attributes) -> ApiError {
@@ -431,6 +487,7 @@ pub async fn serve(
         metrics: Metrics::default(),
         authorizer,
         signer,
+        openapi: openapi::Cache::default(),
     });
     tracing::info!(%local_addr, kubeconfig = %credentials.kubeconfig_path.display(), "API server listening");
     let task = tokio::spawn(async move {
@@ -508,7 +565,16 @@ async fn handle(
     let query = parse_query(req.uri().query());
     let route = routes::parse(&path, &state.api.registry);
     let public = matches!(route, Some(Route::Health(_)) | Some(Route::Version));
-    let user = state.authenticate(&req, cert_user).await;
+    let user = match state.authenticate(&req, cert_user).await {
+        Some(u) => match impersonate(&state, &req, u) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                state.metrics.record("impersonate", "", e.code());
+                return error_response(&e);
+            }
+        },
+        None => None,
+    };
     let (response, verb, resource) = if user.is_none() && !public {
         (
             error_response(&ApiError::Unauthorized),
@@ -617,7 +683,11 @@ fn non_resource(state: &State, req: &Request<Incoming>, route: Route) -> Respons
             &discovery::resource_list(registry, &group, &version),
             "application/json",
         ),
-        Route::OpenApiV3(None) => json_response(200, &openapi::index(registry), "application/json"),
+        Route::OpenApiV3(None) => text_response(
+            200,
+            state.openapi.get(registry, "", || openapi::index(registry)),
+            "application/json",
+        ),
         Route::OpenApiV3(Some(gv)) => {
             let parts: Vec<&str> = gv.split('/').collect();
             let (group, version) = match parts.as_slice() {
@@ -628,9 +698,11 @@ fn non_resource(state: &State, req: &Request<Incoming>, route: Route) -> Respons
             if registry.in_group_version(group, version).is_empty() {
                 return error_response(&ApiError::NoRoute);
             }
-            json_response(
+            text_response(
                 200,
-                &openapi::group_version(registry, group, version),
+                state.openapi.get(registry, &gv, || {
+                    openapi::group_version(registry, group, version)
+                }),
                 "application/json",
             )
         }

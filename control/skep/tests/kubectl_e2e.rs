@@ -484,3 +484,72 @@ fn custom_resources_are_served_and_validated() {
         }
     }
 }
+
+#[test]
+fn explain_impersonation_and_strict_field_validation() {
+    let s = Server::start();
+    for v in ["1.27", "1.33"] {
+        let out = s.k(v, &["explain", "deployment.spec.replicas"]);
+        assert!(
+            out.contains("replicas <integer>"),
+            "kubectl {v} explain: {out}"
+        );
+        let out = s.k(v, &["explain", "pods.spec.containers.ports"]);
+        assert!(
+            out.contains("ports <[]ContainerPort>"),
+            "kubectl {v} explain: {out}"
+        );
+    }
+    // --as: the admin may impersonate; bob himself has no rights.
+    let no = s.kubectl("1.31", &["auth", "can-i", "list", "namespaces", "--as=bob"]);
+    assert_eq!(
+        String::from_utf8_lossy(&no.stdout).trim(),
+        "no",
+        "can-i exits 1 with \"no\""
+    );
+    let out = s.kubectl("1.31", &["get", "namespaces", "--as=bob"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("User \"bob\" cannot list resource \"namespaces\"")
+    );
+    assert_eq!(
+        s.k(
+            "1.31",
+            &[
+                "auth",
+                "can-i",
+                "list",
+                "namespaces",
+                "--as=bob",
+                "--as-group=system:masters"
+            ]
+        )
+        .trim(),
+        "yes"
+    );
+    // kubectl asks for strict field validation: a typo in a built-in kind is
+    // an error naming the field, not silently dropped.
+    let typo = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: typo, namespace: default}\ndata: {a: b}\nbogus: 1\n";
+    let out = s.kubectl_stdin("1.33", &["apply", "-f", "-"], Some(typo));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown field \"bogus\""),
+        "{err}"
+    );
+    let ok = typo.replace("bogus: 1\n", "");
+    let out = s.kubectl_stdin("1.33", &["apply", "-f", "-"], Some(&ok));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s.kubectl_stdin(
+        "1.33",
+        &["apply", "--validate=false", "-f", "-"],
+        Some(&typo.replace("typo", "lax")),
+    );
+    assert!(
+        out.status.success(),
+        "without strict validation unknown fields are dropped"
+    );
+}
