@@ -7,6 +7,7 @@ mod ci;
 mod ebpf;
 mod setup;
 mod test;
+mod up;
 mod util;
 mod vm_test;
 
@@ -43,6 +44,11 @@ enum Command {
     /// Boot Debian's Linux 5.10 cloud kernel under qemu and run the
     /// dataplane's tests inside (downloads the kernel; needs `setup`).
     VmTest(vm_test::Args),
+    /// Boot a cluster in its own network namespace (builds first) and apply
+    /// the demo; prints the KUBECONFIG to export.
+    Up(up::UpArgs),
+    /// Stop the cluster `up` started and remove everything it created.
+    Down(up::Sandbox),
     /// Run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -59,6 +65,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ci => ci::run(),
         Command::VmTest(args) => vm_test::run(&args),
         Command::Bench { target } => bench::run(target),
+        Command::Up(args) => up::up(&args),
+        Command::Down(sandbox) => up::down(&sandbox),
     }
 }
 
