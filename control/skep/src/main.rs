@@ -1,6 +1,7 @@
 //! The `skep` binary: every role of a skep cluster in one executable.
 
 mod server;
+mod tools;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -35,6 +36,9 @@ enum Command {
     Sidecar,
     /// Report what this binary carries.
     Check,
+    /// Test workloads: echo servers and probes (skep's agnhost).
+    #[command(subcommand)]
+    Tools(tools::Tools),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Check => check(),
+        Command::Tools(t) => tools::run(t),
         Command::Server(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
