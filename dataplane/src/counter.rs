@@ -129,7 +129,7 @@ impl PacketCounter {
     }
 }
 
-fn clsact_exists(e: &tc::TcError) -> bool {
+pub(crate) fn clsact_exists(e: &tc::TcError) -> bool {
     match e {
         tc::TcError::AlreadyAttached => true,
         tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),

@@ -43,6 +43,23 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("invalid load balancer configuration: {0}")]
+    Config(String),
+    #[error(
+        "no room for more {what} (limit {limit}); raise the limit in the load balancer settings"
+    )]
+    Full { what: &'static str, limit: u32 },
+    #[error("bpffs pin {path}: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error(
+        "pinned map {path} has {pinned} entries but the settings ask for {wanted}; \
+         either use the old settings or remove {path} (existing connections through it will break)"
+    )]
+    PinnedMismatch {
+        path: PathBuf,
+        pinned: u32,
+        wanted: u32,
+    },
     #[error("this needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF); run it as root")]
     NotRoot,
 }

@@ -7,6 +7,7 @@
 
 pub mod counter;
 pub mod error;
+pub mod lb;
 pub mod netns;
 pub mod object;
 

@@ -38,6 +38,7 @@ impl NetNs {
             }
         };
         fs::create_dir_all(NETNS_DIR).map_err(err("creating /run/netns"))?;
+        make_run_dir_shared().map_err(err("making /run/netns a shared mount"))?;
         let path = Path::new(NETNS_DIR).join(name);
         OpenOptions::new()
             .write(true)
@@ -146,6 +147,41 @@ fn remove(name: &str, path: &Path) -> Result<(), DataplaneError> {
         .map_err(std::io::Error::from)
         .map_err(err("unmounting"))?;
     fs::remove_file(path).map_err(err("removing the mount point"))
+}
+
+/// Makes /run/netns a shared mount point, as `ip netns add` does. Without
+/// this, a later `ip netns add` (by anyone) bind-mounts /run/netns over
+/// itself: namespaces made before stay mounted underneath, hidden, and can
+/// no longer be unmounted or deleted by name (seen here: deletes failed with
+/// EBUSY and the namespaces leaked). Doing it first, while no namespace
+/// exists below, avoids that; once it is a mount point this only re-asserts
+/// the propagation.
+fn make_run_dir_shared() -> std::io::Result<()> {
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        // EINVAL: not a mount point yet; make it one, then shared.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(
+                Some(NETNS_DIR),
+                NETNS_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(std::io::Error::from)?;
+            shared().map_err(std::io::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Sets `lo` up with a SIOCSIFFLAGS ioctl on a socket of the current thread's

@@ -1,6 +1,13 @@
 //! Types shared by the kernel programs (`ebpf/programs`) and userspace
 //! (`dataplane`). Everything here is `#[repr(C)]`, `Copy`, and free of
-//! padding surprises, because the kernel and userspace read the same bytes.
+//! padding surprises (explicit `_pad` fields), because the kernel and
+//! userspace read the same bytes.
+//!
+//! Byte order: IPv4 addresses and L4 ports in map keys and values are kept
+//! in *network* byte order, exactly as they appear in packets (an address is
+//! the packet's 4 bytes read as a native `u32`). The kernel then compares and
+//! rewrites without swapping, and userspace converts with
+//! `u32::from_ne_bytes(ip.octets())` / `port.to_be()`.
 #![no_std]
 
 /// Names of the maps and programs in the eBPF object. Userspace looks them up
@@ -10,6 +17,49 @@ pub mod names {
     pub const PROG_TC_COUNT: &str = "tc_count";
     /// Per-CPU hash map: ifindex (u32) -> [`super::IfaceStats`].
     pub const MAP_IFACE_STATS: &str = "IFACE_STATS";
+
+    /// TC ingress on a pod's host-side veth: service DNAT.
+    pub const PROG_FROM_POD: &str = "from_pod";
+    /// TC egress on a pod's host-side veth: reverse NAT of replies.
+    pub const PROG_TO_POD: &str = "to_pod";
+
+    /// Hash: [`super::ServiceKey`] -> [`super::ServiceValue`].
+    pub const MAP_SERVICES: &str = "SKEP_SERVICES";
+    /// Hash: backend id (u32) -> [`super::BackendValue`].
+    pub const MAP_BACKENDS: &str = "SKEP_BACKENDS";
+    /// Array: `service id * table size + slot` -> backend id (u32).
+    pub const MAP_MAGLEV: &str = "SKEP_MAGLEV";
+    /// LRU hash: [`super::CtKey`] -> [`super::CtValue`].
+    pub const MAP_CT: &str = "SKEP_CT";
+    /// LRU hash: [`super::AffinityKey`] -> [`super::AffinityValue`].
+    pub const MAP_AFFINITY: &str = "SKEP_AFFINITY";
+    /// Array of one [`super::LbConfig`].
+    pub const MAP_CONFIG: &str = "SKEP_LB_CONFIG";
+    /// Per-CPU array: [`super::LbCounter`] index -> u64.
+    pub const MAP_COUNTERS: &str = "SKEP_COUNTERS";
+    /// LRU hash: [`super::SockRevKey`] -> [`super::SockRevValue`].
+    pub const MAP_SOCK_REVNAT: &str = "SKEP_SOCK_RNAT";
+
+    /// cgroup/connect4: socket-level LB of TCP and connected UDP.
+    pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup/sendmsg4: socket-level LB of unconnected UDP sends.
+    pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup/recvmsg4: replies of unconnected UDP appear from the VIP.
+    pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup/getpeername4: connected sockets report the VIP as peer.
+    pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+
+    /// Every map the load balancer pins (in this order in the pin dir).
+    pub const LB_MAPS: [&str; 8] = [
+        MAP_SERVICES,
+        MAP_BACKENDS,
+        MAP_MAGLEV,
+        MAP_CT,
+        MAP_AFFINITY,
+        MAP_CONFIG,
+        MAP_COUNTERS,
+        MAP_SOCK_REVNAT,
+    ];
 }
 
 /// Maximum number of interfaces the packet counter tracks.
@@ -24,7 +74,264 @@ pub struct IfaceStats {
     pub bytes: u64,
 }
 
+/// IP protocol numbers the load balancer handles.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Default sizes of the load balancer's maps (`LbSettings::default`);
+/// userspace sets them at load time (`EbpfLoader::map_max_entries`), the
+/// object itself only carries small placeholders.
+pub const DEFAULT_MAX_SERVICES: u32 = 1024;
+pub const DEFAULT_MAX_BACKENDS: u32 = 65536;
+/// Default Maglev table size (a prime, as Maglev needs).
+pub const DEFAULT_MAGLEV_SIZE: u32 = 16381;
+/// Map flags of the Maglev array: BPF_F_MMAPABLE, so userspace can write
+/// whole rows through a shared mapping.
+pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
+pub const DEFAULT_CT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65536;
+
+/// A service frontend: one (VIP, port, protocol) of a Service. A Service with
+/// several ports has one key per port, each with its own id and Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The frontend's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Row of this frontend in the Maglev map (`id * table size`).
+    pub id: u32,
+    /// Backends new connections may use (0 → refuse: RST for TCP).
+    pub backend_count: u32,
+    /// ClientIP session affinity timeout in seconds; 0 = no affinity.
+    pub affinity_timeout_s: u32,
+    pub flags: u32,
+}
+
+/// Backend state bit: terminating. Existing connections keep using it, new
+/// ones never land on it (userspace also leaves it out of the Maglev table).
+pub const BACKEND_F_TERMINATING: u8 = 1;
+
+/// A backend of one frontend (ids are per frontend, so removing an endpoint
+/// from one Service never disturbs another).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendValue {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Frontend (service id) this backend belongs to.
+    pub service_id: u32,
+}
+
+/// Conntrack direction: the client's packets (key = pre-DNAT tuple).
+pub const CT_DIR_FORWARD: u8 = 0;
+/// Conntrack direction: the backend's replies (key = backend → client).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// A conntrack key: the packet's tuple as seen on the hook that looks it up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Conntrack flag: the client is its own backend; its source was rewritten
+/// to the hairpin address.
+pub const CT_F_HAIRPIN: u8 = 1;
+/// Conntrack flag: a TCP FIN or RST was seen (GC may reap it early).
+pub const CT_F_CLOSING: u8 = 2;
+
+/// A conntrack value. Forward entries hold the backend (DNAT target); reply
+/// entries hold the frontend (source to restore).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// Network byte order.
+    pub nat_addr: u32,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// bpf_ktime_get_ns() of the last packet (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+    pub packets: u64,
+}
+
+/// ClientIP session affinity key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub client_addr: u32,
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last new connection that used it.
+    pub last_used_ns: u64,
+}
+
+/// Socket-level LB: which backend a socket's frontend was rewritten to,
+/// keyed by socket cookie and backend, so replies and getpeername can show
+/// the frontend again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+pub const DEFAULT_SOCK_REVNAT_ENTRIES: u32 = 65536;
+
+/// Load balancer settings the kernel reads on every packet (entry 0 of
+/// [`names::MAP_CONFIG`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Maglev table size (prime) of every frontend.
+    pub maglev_size: u32,
+    /// Source address for hairpin connections (network byte order).
+    pub hairpin_addr: u32,
+    /// Nonzero once userspace has written the config; until then the
+    /// programs let everything pass.
+    pub ready: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the per-CPU counters in [`names::MAP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbCounter {
+    /// IPv4 TCP/UDP packets the from-pod hook looked at.
+    FromPodPackets = 0,
+    /// Packets DNATed by an existing conntrack entry.
+    CtHit = 1,
+    /// New connections to a service (conntrack entry created).
+    NewConnection = 2,
+    /// New connections that reused a session-affinity backend.
+    AffinityHit = 3,
+    /// Hairpin connections (source rewritten to the hairpin address).
+    Hairpin = 4,
+    /// TCP connection attempts to a service without backends, answered RST.
+    NoBackendRst = 5,
+    /// Other packets to a service without backends, dropped.
+    NoBackendDrop = 6,
+    /// Conntrack insert failed (the LRU map evicts, so this is rare).
+    CtInsertFailed = 7,
+    /// Packet rewrite (store or checksum helper) failed; packet dropped.
+    RewriteFailed = 8,
+    /// Replies reverse-NATed by the to-pod hook.
+    ReverseNat = 9,
+    /// Hairpin replies whose destination was restored in from-pod.
+    HairpinReply = 10,
+    /// Conntrack entries whose backend had gone; the flow was re-balanced.
+    CtStaleBackend = 11,
+    /// Non-first IPv4 fragments (no L4 header: passed unchanged).
+    Fragment = 12,
+    /// UDP datagrams to a service without backends, answered ICMP port
+    /// unreachable.
+    NoBackendIcmp = 13,
+    /// Sockets of host processes connected/sent straight to a backend.
+    SockLb = 14,
+    /// Socket connects/sends to a service without backends, refused.
+    SockRefused = 15,
+}
+
+/// Number of counters (size of [`names::MAP_COUNTERS`]).
+pub const LB_COUNTERS: u32 = 16;
+
+/// Every counter with its name, for userspace reports.
+pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
+    (LbCounter::FromPodPackets, "from_pod_packets"),
+    (LbCounter::CtHit, "ct_hit"),
+    (LbCounter::NewConnection, "new_connection"),
+    (LbCounter::AffinityHit, "affinity_hit"),
+    (LbCounter::Hairpin, "hairpin"),
+    (LbCounter::NoBackendRst, "no_backend_rst"),
+    (LbCounter::NoBackendDrop, "no_backend_drop"),
+    (LbCounter::CtInsertFailed, "ct_insert_failed"),
+    (LbCounter::RewriteFailed, "rewrite_failed"),
+    (LbCounter::ReverseNat, "reverse_nat"),
+    (LbCounter::HairpinReply, "hairpin_reply"),
+    (LbCounter::CtStaleBackend, "ct_stale_backend"),
+    (LbCounter::Fragment, "fragment"),
+    (LbCounter::NoBackendIcmp, "no_backend_icmp"),
+    (LbCounter::SockLb, "sock_lb"),
+    (LbCounter::SockRefused, "sock_refused"),
+];
+
 #[cfg(feature = "user")]
-// SAFETY: IfaceStats is #[repr(C)], Copy, made of two u64 with no padding, so
-// any byte pattern of its size is a valid value.
-unsafe impl aya::Pod for IfaceStats {}
+mod pod {
+    // SAFETY (all impls below): each type is #[repr(C)], Copy, built only from
+    // integers, with explicit padding fields so there are no implicit holes;
+    // any byte pattern of its size is a valid value.
+    unsafe impl aya::Pod for super::IfaceStats {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::LbConfig {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockRevValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<BackendValue>(), 12);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<LbConfig>(), 16);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevValue>(), 8);
+    }
+}

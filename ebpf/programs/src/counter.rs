@@ -29,7 +29,10 @@ pub fn tc_count(ctx: TcContext) -> i32 {
             }
         }
         None => {
-            let first = IfaceStats { packets: 1, bytes: u64::from(len) };
+            let first = IfaceStats {
+                packets: 1,
+                bytes: u64::from(len),
+            };
             // A full map only loses counts, never packets.
             let _ = IFACE_STATS.insert(&ifindex, &first, 0);
         }

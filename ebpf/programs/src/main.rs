@@ -1,10 +1,28 @@
-//! skep's kernel programs. One module per concern; each program's attach
-//! point is named in its module. Built for `bpfel-unknown-none` by
+//! skep's kernel programs. One file per attach point (`counter`, `from_pod`,
+//! `to_pod`), shared logic in modules (`packet` parsing, `nat` rewrites with
+//! checksums, `lb` service lookup and backend selection, `conntrack`,
+//! `reject`, `maps`). Built for `bpfel-unknown-none` by
 //! `cargo xtask build-ebpf` and embedded in the `skep` binary.
+//!
+//! Only helpers present in Linux 5.10 are used (no bpf_loop, no atomics with
+//! fetch semantics, no ring buffer).
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod counter;
+mod from_pod;
+mod lb;
+mod maps;
+mod nat;
+mod packet;
+mod reject;
+mod sock_connect4;
+mod sock_getpeername4;
+mod sock_lb;
+mod sock_recvmsg4;
+mod sock_sendmsg4;
+mod to_pod;
 
 #[cfg(not(test))]
 #[panic_handler]

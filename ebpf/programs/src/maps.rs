@@ -1,0 +1,65 @@
+//! Every map of the load balancer, in one place so that both hooks (and
+//! userspace, through the names in `skep_ebpf_common::names`) agree on them.
+//! Sizes here are small placeholders: userspace always sets the real ones at
+//! load time from its configuration (`LbSettings`), and pins the maps so a
+//! restarted agent re-adopts them. Small placeholders keep a plain
+//! `Ebpf::load` of the object (e.g. the verifier test) cheap.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use skep_ebpf_common::{
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, LB_COUNTERS, LbConfig, LbCounter,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+};
+
+const PLACEHOLDER_FRONTENDS: u32 = 64;
+const PLACEHOLDER_MAGLEV_SIZE: u32 = 251;
+const PLACEHOLDER_ENTRIES: u32 = 1024;
+
+#[map(name = "SKEP_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(PLACEHOLDER_FRONTENDS, 0);
+
+#[map(name = "SKEP_BACKENDS")]
+pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// One row of `maglev_size` backend ids per frontend id. An array (not a
+/// map of maps: aya-ebpf 0.2.1 cannot declare those) sized
+/// max_services * maglev_size by userspace. Mmapable (Linux ≥ 5.5), so
+/// userspace writes rows with plain stores instead of one syscall per slot.
+#[map(name = "SKEP_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(
+    PLACEHOLDER_FRONTENDS * PLACEHOLDER_MAGLEV_SIZE,
+    skep_ebpf_common::MAGLEV_MAP_FLAGS,
+);
+
+/// LRU so that a full table evicts the least recently used flow instead of
+/// refusing new connections.
+#[map(name = "SKEP_CT")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+#[map(name = "SKEP_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+#[map(name = "SKEP_SOCK_RNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+#[map(name = "SKEP_LB_CONFIG")]
+pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// Per-CPU so counting needs no atomics (none with fetch semantics on 5.10).
+#[map(name = "SKEP_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(LB_COUNTERS, 0);
+
+#[inline(always)]
+pub fn count(counter: LbCounter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer is this CPU's slot of a per-CPU array; nothing
+        // else writes it while this program runs (no preemption in BPF).
+        unsafe { *slot += 1 };
+    }
+}

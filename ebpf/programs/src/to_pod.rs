@@ -1,0 +1,53 @@
+//! `to_pod`: TC egress on a pod's host-side veth, i.e. every packet going to
+//! the pod. Replies of load-balanced connections (backend → client) get the
+//! frontend (VIP, port) back as source, from the conntrack reply entry.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::bpf_ktime_get_ns,
+    macros::classifier,
+    programs::TcContext,
+};
+use skep_ebpf_common::LbCounter;
+
+use crate::{
+    conntrack,
+    maps::{CONFIG, count},
+    nat,
+    packet::{self, Packet},
+};
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_OK as i32;
+    };
+    if cfg.ready == 0 {
+        return TC_ACT_OK as i32;
+    }
+    let Ok(p) = packet::parse(&ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    match reverse_nat(&ctx, &p) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(_) => {
+            count(LbCounter::RewriteFailed);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+#[inline(always)]
+fn reverse_nat(ctx: &TcContext, p: &Packet) -> Result<(), i64> {
+    let Some(entry) = conntrack::lookup(&conntrack::reply_key(p)) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup; copied at once.
+    let ct = unsafe { *entry };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    conntrack::touch(entry, p, now);
+    nat::snat(ctx, p, ct.nat_addr, ct.nat_port)?;
+    count(LbCounter::ReverseNat);
+    Ok(())
+}
