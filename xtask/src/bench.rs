@@ -21,6 +21,13 @@ pub enum BenchTarget {
     /// The API server: request latency, LIST of 10,000 pods, watch fan-out,
     /// memory (`cargo bench -p skep --bench api`).
     Api,
+    /// Cluster DNS: dnsperf against skep, dnsmasq, unbound and nsd with
+    /// 10,000 services (`cargo bench -p skep-dns --bench dns`).
+    Dns,
+    /// Service load balancing: skep eBPF vs kube-proxy-style iptables vs
+    /// direct, at 1, 1,000 and 10,000 services (as root; traffic stays in
+    /// network namespaces the benchmark creates).
+    Lb,
 }
 
 /// How to run one benchmark.
@@ -28,6 +35,8 @@ pub enum BenchTarget {
 struct Bench {
     package: &'static str,
     bench: &'static str,
+    /// A release example (`cargo run --example`) rather than a bench target.
+    example: bool,
     /// The JSON report it writes, relative to the workspace root (the
     /// benchmarks write under target/ whatever CARGO_TARGET_DIR says).
     report: &'static str,
@@ -39,12 +48,26 @@ impl BenchTarget {
             Self::Store => Bench {
                 package: "skep-store",
                 bench: "store",
+                example: false,
                 report: "target/bench/store.json",
             },
             Self::Api => Bench {
                 package: "skep",
                 bench: "api",
+                example: false,
                 report: "target/bench/api.json",
+            },
+            Self::Lb => Bench {
+                package: "skep-dataplane",
+                bench: "lb_bench",
+                example: true,
+                report: "target/bench/lb.json",
+            },
+            Self::Dns => Bench {
+                package: "skep-dns",
+                bench: "dns",
+                example: false,
+                report: "target/bench/dns.json",
             },
         }
     }
@@ -60,8 +83,23 @@ pub fn run(target: BenchTarget) -> Result<()> {
         fs::remove_file(&report)
             .with_context(|| format!("removing the old report {}", report.display()))?;
     }
+    let object =
+        crate::ebpf::build().context("building the eBPF programs (before the benchmark)")?;
+    let args: Vec<&str> = if spec.example {
+        vec![
+            "run",
+            "--release",
+            "-p",
+            spec.package,
+            "--example",
+            spec.bench,
+        ]
+    } else {
+        vec!["bench", "-p", spec.package, "--bench", spec.bench]
+    };
     Cmd::cargo()
-        .args(["bench", "-p", spec.package, "--bench", spec.bench])
+        .args(args)
+        .env("SKEP_EBPF_OBJECT", &object)
         .cwd(util::workspace_root())
         .hint(format!(
             "see the output above; the benchmark is `{}` in {}",

@@ -39,6 +39,12 @@ const APT_PACKAGES: &[&str] = &[
     // certificates.
     "curl",
     "openssl",
+    // `cargo xtask bench dns`: the load generator and the peer servers
+    // (dnsmasq-base, not dnsmasq: the latter starts a system service).
+    "dnsperf",
+    "dnsmasq-base",
+    "unbound",
+    "nsd",
 ];
 
 /// Python packages of the API tests: the official Kubernetes client, pinned.

@@ -33,7 +33,7 @@ pub struct Sandbox {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Host side of the host-only link (a /30; the sandbox gets the next address).
-    #[arg(long, default_value = "169.254.42.1")]
+    #[arg(long, default_value = "169.254.100.1")]
     pub host_ip: Ipv4Addr,
 }
 

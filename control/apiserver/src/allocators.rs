@@ -19,6 +19,47 @@ const NODE_PORT_MAX: u32 = 32767;
 const IP_PREFIX: &str = "/registry/ranges/serviceips/";
 const PORT_PREFIX: &str = "/registry/ranges/servicenodeports/";
 
+/// Pod CIDRs: one /24 per node out of the cluster CIDR 10.42.0.0/16.
+const CIDR_PREFIX: &str = "/registry/ranges/podcidrs/";
+
+fn is_node(info: &ResourceInfo) -> bool {
+    info.group.is_empty() && info.plural == "nodes"
+}
+
+/// Gives a new Node the first free /24 of 10.42.0.0/16 (kept if the node
+/// object already names one it can claim).
+async fn node_cidr(api: &Api, obj: &mut Value) -> Result<Vec<String>, ApiError> {
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let wanted = obj
+        .pointer("/spec/podCIDR")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let candidates: Vec<String> = match wanted {
+        Some(c) => vec![c],
+        None => (0..=255u32).map(|i| format!("10.42.{i}.0/24")).collect(),
+    };
+    for cidr in candidates {
+        let key = format!("{CIDR_PREFIX}{}", cidr.replace('/', "_"));
+        if claim(api, &key, &name).await? {
+            let spec = obj
+                .as_object_mut()
+                .ok_or_else(|| ApiError::bad_request("a Node must be an object"))?
+                .entry("spec")
+                .or_insert_with(|| json!({}));
+            spec["podCIDR"] = json!(cidr);
+            spec["podCIDRs"] = json!([cidr]);
+            return Ok(vec![key]);
+        }
+    }
+    Err(ApiError::internal(
+        "no free /24 left in the cluster CIDR 10.42.0.0/16 (256 nodes)",
+    ))
+}
+
 fn is_service(info: &ResourceInfo) -> bool {
     info.group.is_empty() && info.plural == "services"
 }
@@ -49,6 +90,9 @@ pub async fn on_create(
     info: &ResourceInfo,
     obj: &mut Value,
 ) -> Result<Vec<String>, ApiError> {
+    if is_node(info) {
+        return node_cidr(api, obj).await;
+    }
     if !is_service(info) {
         return Ok(Vec::new());
     }
@@ -220,6 +264,15 @@ pub async fn on_create(
 
 /// Keeps allocated fields stable across updates.
 pub fn on_update(info: &ResourceInfo, current: &Value, next: &mut Value) -> Result<(), ApiError> {
+    if is_node(info) {
+        // The pod CIDR is assigned once and never moves.
+        for f in ["podCIDR", "podCIDRs"] {
+            if let Some(v) = current.pointer(&format!("/spec/{f}")) {
+                next["spec"][f] = v.clone();
+            }
+        }
+        return Ok(());
+    }
     if !is_service(info) {
         return Ok(());
     }
@@ -279,6 +332,12 @@ pub fn on_update(info: &ResourceInfo, current: &Value, next: &mut Value) -> Resu
 
 /// Releases what a deleted object held.
 pub async fn on_delete(api: &Api, info: &ResourceInfo, obj: &Value) {
+    if is_node(info) {
+        if let Some(cidr) = obj.pointer("/spec/podCIDR").and_then(Value::as_str) {
+            release(api, &[format!("{CIDR_PREFIX}{}", cidr.replace('/', "_"))]).await;
+        }
+        return;
+    }
     if !is_service(info) {
         return;
     }

@@ -247,6 +247,17 @@ async fn load(api: &Api) -> Result<(i64, [Vec<Value>; 4]), skep_store::StoreErro
     Ok((revision, out))
 }
 
+/// Loads the RBAC objects once, so the server authorizes correctly from its
+/// first request (the watch in [`sync`] keeps it current afterwards).
+pub async fn initial_load(
+    api: &Api,
+    authorizer: &Authorizer,
+) -> Result<(), skep_store::StoreError> {
+    let (_, [roles, cluster_roles, bindings, cluster_bindings]) = load(api).await?;
+    authorizer.rebuild(roles, cluster_roles, bindings, cluster_bindings);
+    Ok(())
+}
+
 /// Keeps `authorizer` in step with the stored RBAC objects.
 pub async fn sync(api: Arc<Api>, authorizer: Arc<Authorizer>) {
     // One watch over all of rbac.authorization.k8s.io; any change reloads

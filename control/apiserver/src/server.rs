@@ -474,6 +474,9 @@ pub async fn serve(
     lifecycle::spawn_namespace_finalizer(api.clone());
     crate::crd::spawn_registry_sync(api.clone());
     let authorizer = Arc::new(rbac::Authorizer::default());
+    rbac::initial_load(&api, &authorizer)
+        .await
+        .map_err(|e| ServeError::Bootstrap(format!("loading RBAC: {e}")))?;
     tokio::spawn(rbac::sync(api.clone(), authorizer.clone()));
     let signer = Arc::new(
         tokens::Signer::load_or_create(&config.data_dir)

@@ -1,5 +1,7 @@
 //! The `skep` binary: every role of a skep cluster in one executable.
 
+mod agent;
+mod ctl;
 mod server;
 mod tools;
 
@@ -15,7 +17,13 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info,skep_store=debug`.
-    #[arg(long, global = true, env = "SKEP_LOG", default_value = "info")]
+    /// hickory-server logs every DNS query at info; keep that off by default.
+    #[arg(
+        long,
+        global = true,
+        env = "SKEP_LOG",
+        default_value = "info,hickory_server=warn"
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -25,13 +33,10 @@ struct Cli {
 enum Command {
     /// Control plane: API server over the store (SQLite or etcd).
     Server(server::ServerArgs),
-    /// A node: kubelet, dataplane and flow observer, joined to a server.
-    Agent(AgentArgs),
-    /// Command-line client: apply, get, flows, svc, policy, bpf, status.
-    Ctl {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// A node joined to a server: registration and heartbeats (pods to come).
+    Agent(agent::AgentArgs),
+    /// Command-line client: get, apply, delete, status.
+    Ctl(ctl::CtlArgs),
     /// The mTLS proxy injected into meshed pods.
     Sidecar,
     /// Report what this binary carries.
@@ -39,16 +44,6 @@ enum Command {
     /// Test workloads: echo servers and probes (skep's agnhost).
     #[command(subcommand)]
     Tools(tools::Tools),
-}
-
-#[derive(Debug, clap::Args)]
-struct AgentArgs {
-    /// URL of the server's API.
-    #[arg(long, env = "SKEP_SERVER")]
-    server: Option<String>,
-    /// Node join token (the server writes it to DATA_DIR/node-token).
-    #[arg(long, env = "SKEP_TOKEN")]
-    token: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -66,8 +61,18 @@ fn main() -> Result<()> {
                 .build()?;
             runtime.block_on(server::run(args))
         }
-        Command::Agent(_) => unavailable("agent", "[node]"),
-        Command::Ctl { .. } => unavailable("ctl", "[api]"),
+        Command::Agent(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent::run(args))
+        }
+        Command::Ctl(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(ctl::run(args))
+        }
         Command::Sidecar => unavailable("sidecar", "[mesh]"),
     }
 }

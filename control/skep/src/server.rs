@@ -29,12 +29,36 @@ pub struct ServerArgs {
     /// Do not run a node (kubelet, dataplane) in this process.
     #[arg(long)]
     no_agent: bool,
+    /// Name of this server's node (default: the host name).
+    #[arg(long, env = "SKEP_NODE_NAME")]
+    node_name: Option<String>,
+    /// Address of this server's node (default: the API listen address).
+    #[arg(long, env = "SKEP_NODE_IP")]
+    node_ip: Option<String>,
+    /// bpffs directory for this node's dataplane pins.
+    #[arg(long, env = "SKEP_BPF_ROOT", default_value = "/sys/fs/bpf/skep")]
+    bpf_root: PathBuf,
+    /// Run this server's node without the eBPF dataplane.
+    #[arg(long)]
+    no_dataplane: bool,
     /// How often history older than one interval is compacted.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     compaction_interval: Duration,
+    /// How long a node may go without a heartbeat before it is marked
+    /// unreachable and its pods are evicted.
+    #[arg(long, env = "SKEP_NODE_MONITOR_GRACE_PERIOD", default_value = "40s", value_parser = parse_duration)]
+    node_monitor_grace_period: Duration,
     /// Extra DNS names or IPs for the serving certificate.
     #[arg(long = "tls-san", value_delimiter = ',')]
     tls_sans: Vec<String>,
+    /// Serve the cluster DNS (UDP and TCP) on this address, e.g.
+    /// 127.0.0.1:5353. The kube-dns Service address (10.43.0.10:53) comes
+    /// with the node agent.
+    #[arg(long, env = "SKEP_DNS_LISTEN")]
+    dns_listen: Option<SocketAddr>,
+    /// The cluster domain served by the DNS.
+    #[arg(long, env = "SKEP_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -64,11 +88,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         }
     };
     let _compactor = Compactor::spawn(store.clone(), args.compaction_interval);
-    if !args.no_agent {
-        tracing::warn!(
-            "this build has no node agent yet; running the control plane only (as with --no-agent)"
-        );
-    }
+    let _dns = match args.dns_listen {
+        Some(listen) => {
+            let mut config = skep_dns::DnsConfig::new(listen);
+            config.zone = args.cluster_domain.clone();
+            Some(skep_dns::start(config, store.clone()).await?)
+        }
+        None => None,
+    };
     let handle = skep_apiserver::serve(
         skep_apiserver::ServerConfig {
             listen: args.api_listen,
@@ -78,6 +105,47 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         store,
     )
     .await?;
+    // The scheduler and controllers, in process on the same `Api` (every
+    // write validated and defaulted as a client's); a Lease elects the one
+    // active set when several servers share a store.
+    let _controllers = skep_controllers::Manager::spawn(
+        handle.api.clone(),
+        skep_controllers::ManagerOptions {
+            node_monitor_grace: args.node_monitor_grace_period,
+            ..Default::default()
+        },
+    );
+    // The server's own node, unless --no-agent: the agent talks to this
+    // API over loopback with the node join token, as a remote agent would.
+    let _agent = if args.no_agent {
+        None
+    } else {
+        let port = handle.local_addr.port();
+        let host = if handle.local_addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            handle.local_addr.ip().to_string()
+        };
+        let client = skep_client::Client::new(
+            &format!("https://{host}:{port}"),
+            handle.credentials.ca_cert_pem.as_bytes(),
+            skep_client::Auth::Token(handle.credentials.node_token.clone()),
+        )?;
+        let cfg = skep_kubelet::AgentConfig {
+            node_name: crate::agent::node_name(args.node_name.clone()),
+            node_ip: args.node_ip.clone().unwrap_or(host),
+            labels: vec![(
+                "node-role.kubernetes.io/control-plane".into(),
+                "true".into(),
+            )],
+            bpf_root: (!args.no_dataplane).then(|| args.bpf_root.clone()),
+        };
+        Some(tokio::spawn(async move {
+            if let Err(e) = skep_kubelet::run(client, cfg).await {
+                tracing::error!(error = %e, "node agent stopped");
+            }
+        }))
+    };
     eprintln!(
         "skep server ready on https://{}; export KUBECONFIG={}",
         handle.local_addr,

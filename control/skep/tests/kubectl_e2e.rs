@@ -331,9 +331,11 @@ fn workflow(s: &Server, v: &str, ns: &str, typed: bool) {
     }
     let versions = s.k(v, &["api-versions"]);
     assert!(versions.contains("apps/v1") && versions.contains("networking.k8s.io/v1"));
+    // The deployment controller has made revision 1.
+    let history = s.k(v, &["-n", ns, "rollout", "history", "deploy/web"]);
     assert!(
-        s.k(v, &["-n", ns, "rollout", "history", "deploy/web"])
-            .contains("No rollout history")
+        history.contains("REVISION") && history.lines().any(|l| l.starts_with('1')),
+        "{history}"
     );
 
     if typed {

@@ -35,16 +35,24 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl Server {
+    /// A control plane only (`--no-agent`).
     pub fn start() -> Self {
+        Self::start_with(&["--no-agent"])
+    }
+
+    /// A server with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut s = Server {
             dir,
             port,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -57,8 +65,9 @@ impl Server {
             .open(self.dir.path().join("server.log"))
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_skep"))
-            .args(["server", "--no-agent", "--data-dir"])
+            .args(["server", "--data-dir"])
             .arg(self.dir.path())
+            .args(&self.extra)
             .args(["--api-listen", &format!("127.0.0.1:{}", self.port)])
             .env("SKEP_LOG", "info")
             .stdout(Stdio::null())

@@ -1,0 +1,348 @@
+//! DaemonSet controller: one pod per eligible node. A node is eligible
+//! when it matches the template's nodeSelector / required node affinity
+//! and every NoSchedule/NoExecute taint is tolerated (with the tolerations
+//! upstream adds to daemon pods). Pods are created with a required node
+//! affinity to their node (`matchFields metadata.name`), as upstream does,
+//! and the scheduler binds them. RollingUpdate replaces pods whose
+//! `controller-revision-hash` label differs from the template's, at most
+//! `maxUnavailable` unavailable at a time; OnDelete waits for the user.
+
+use crate::{
+    client::{Client, NODES, PODS},
+    deployment::{int_or_percent, template_hash},
+    error::Result,
+    informer::{Change, Informer, Informers},
+    meta,
+    queue::Queue,
+    runner::{Reconciler, Requeue},
+    scheduler::{affinity_matches, tolerates},
+};
+use serde_json::{Value, json};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+pub const DAEMON_SETS: crate::client::Gvr = ("apps", "v1", "daemonsets");
+pub const HASH_LABEL: &str = "controller-revision-hash";
+
+/// Tolerations every daemon pod gets, so node conditions do not evict it.
+fn daemon_tolerations() -> Vec<Value> {
+    let mut t = vec![
+        json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"}),
+        json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"}),
+    ];
+    for k in [
+        "node.kubernetes.io/disk-pressure",
+        "node.kubernetes.io/memory-pressure",
+        "node.kubernetes.io/pid-pressure",
+        "node.kubernetes.io/unschedulable",
+    ] {
+        t.push(json!({"key": k, "operator": "Exists", "effect": "NoSchedule"}));
+    }
+    t
+}
+
+#[derive(Debug)]
+pub struct DaemonSetController {
+    client: Client,
+    sets: Arc<Informer>,
+    pods: Arc<Informer>,
+    nodes: Arc<Informer>,
+    written: Mutex<HashMap<String, i64>>,
+}
+
+/// The node a daemon pod is for: where it is bound, else its affinity.
+fn target_node(p: &Value) -> Option<String> {
+    if !meta::node_name(p).is_empty() {
+        return Some(meta::node_name(p).to_owned());
+    }
+    p.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms/0/matchFields/0/values/0")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+impl DaemonSetController {
+    pub fn start(
+        client: &Client,
+        informers: &Informers,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+        let queue = Queue::new();
+        let c = Arc::new(Self {
+            client: client.clone(),
+            sets: informers.get_or_create(client.info(DAEMON_SETS)?),
+            pods: informers.get_or_create(client.info(PODS)?),
+            nodes: informers.get_or_create(client.info(NODES)?),
+            written: Mutex::new(HashMap::new()),
+        });
+        let q = queue.clone();
+        c.sets.on_change(Arc::new(move |ch: &Change| {
+            if let Some(o) = ch.object() {
+                q.add(meta::key(o));
+            }
+        }));
+        let (q, sets) = (queue.clone(), c.sets.clone());
+        c.nodes.on_change(Arc::new(move |ch: &Change| {
+            // Only what changes eligibility matters, not heartbeats.
+            if let (Some(o), Some(n)) = (&ch.old, &ch.new)
+                && o.get("spec") == n.get("spec")
+                && meta::labels(o) == meta::labels(n)
+            {
+                return;
+            }
+            for ds in sets.list() {
+                q.add(meta::key(&ds));
+            }
+        }));
+        let q = queue.clone();
+        c.pods.on_change(Arc::new(move |ch: &Change| {
+            for p in [&ch.old, &ch.new].into_iter().flatten() {
+                let Some(ns) = meta::namespace(p) else {
+                    continue;
+                };
+                for r in meta::owner_refs(p) {
+                    if r.get("kind").and_then(Value::as_str) == Some("DaemonSet")
+                        && r.get("controller").and_then(Value::as_bool) == Some(true)
+                        && let Some(n) = r.get("name").and_then(Value::as_str)
+                    {
+                        q.add(format!("{ns}/{n}"));
+                    }
+                }
+            }
+        }));
+        Ok(crate::runner::spawn(c, queue, 2))
+    }
+
+    fn note_write(&self, key: &str, rev: i64) {
+        if let Ok(mut w) = self.written.lock() {
+            let e = w.entry(key.to_owned()).or_insert(0);
+            *e = (*e).max(rev);
+        }
+    }
+
+    /// The pod this DaemonSet runs on `node`.
+    fn pod_for(ds: &Value, node: &str, hash: &str) -> Value {
+        let tmpl = ds.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        let mut labels = tmpl
+            .pointer("/metadata/labels")
+            .cloned()
+            .unwrap_or(json!({}));
+        labels[HASH_LABEL] = json!(hash);
+        let mut spec = tmpl.get("spec").cloned().unwrap_or(json!({}));
+        // Pin to the node: every required term gets the node's name as a
+        // field requirement (upstream's ReplaceDaemonSetPodNodeNameNodeAffinity),
+        // so the template's own expressions still hold.
+        let pin = json!([{"key": "metadata.name", "operator": "In", "values": [node]}]);
+        let mut terms: Vec<Value> = spec
+            .pointer("/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        if terms.is_empty() {
+            terms.push(json!({}));
+        }
+        for t in &mut terms {
+            t["matchFields"] = pin.clone();
+        }
+        spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] =
+            json!({"nodeSelectorTerms": terms});
+        let mut tolerations = spec
+            .get("tolerations")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for t in daemon_tolerations() {
+            if !tolerations
+                .iter()
+                .any(|x| x.get("key") == t.get("key") && x.get("effect") == t.get("effect"))
+            {
+                tolerations.push(t);
+            }
+        }
+        spec["tolerations"] = json!(tolerations);
+        let mut metadata = json!({
+            "generateName": format!("{}-", meta::name(ds)),
+            "namespace": meta::namespace(ds),
+            "labels": labels,
+            "ownerReferences": [meta::controller_ref(ds, "apps/v1", "DaemonSet")],
+        });
+        if let Some(a) = tmpl.pointer("/metadata/annotations") {
+            metadata["annotations"] = a.clone();
+        }
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec})
+    }
+
+    /// Whether the daemon pod may run on `node`.
+    fn eligible(probe: &Value, node: &Value) -> bool {
+        affinity_matches(probe, node)
+            && node
+                .pointer("/spec/taints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .all(|t| {
+                    !matches!(
+                        t.get("effect").and_then(Value::as_str),
+                        Some("NoSchedule" | "NoExecute")
+                    ) || tolerates(probe, t)
+                })
+    }
+
+    async fn delete(&self, key: &str, p: &Value) -> Result<()> {
+        match self
+            .client
+            .delete(PODS, meta::namespace(p), meta::name(p), Some(meta::uid(p)))
+            .await
+        {
+            Ok(out) => {
+                self.note_write(key, meta::resource_version(&out));
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Reconciler for DaemonSetController {
+    fn name(&self) -> &'static str {
+        "daemonset"
+    }
+
+    async fn reconcile(&self, key: &str) -> Result<Requeue> {
+        let wait_rev = self
+            .written
+            .lock()
+            .ok()
+            .and_then(|w| w.get(key).copied())
+            .unwrap_or(0);
+        if wait_rev > 0 {
+            self.pods.wait_for(wait_rev, Duration::from_secs(5)).await;
+        }
+        let Some(ds) = self.sets.get(key) else {
+            if let Ok(mut w) = self.written.lock() {
+                w.remove(key);
+            }
+            return Ok(Requeue::No);
+        };
+        if meta::is_deleting(&ds) {
+            return Ok(Requeue::No);
+        }
+        let uid = meta::uid(&ds).to_owned();
+        let ns = meta::namespace(&ds).unwrap_or("default").to_owned();
+        let template = ds.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        let hash = template_hash(&template, 0);
+        let mut by_node: BTreeMap<String, Vec<Arc<Value>>> = BTreeMap::new();
+        for p in self.pods.list_ns(&ns) {
+            if meta::controller_uid(&p) == Some(uid.as_str())
+                && meta::pod_active(&p)
+                && let Some(n) = target_node(&p)
+            {
+                by_node.entry(n).or_default().push(p);
+            }
+        }
+        let nodes = self.nodes.list();
+        let mut desired = 0;
+        let mut misscheduled = 0;
+        let mut scheduled = 0;
+        let mut ready = 0;
+        let mut updated = 0;
+        let mut stale: Vec<Arc<Value>> = Vec::new();
+        let mut unavailable = 0;
+        for node in &nodes {
+            let name = meta::name(node);
+            let probe = Self::pod_for(&ds, name, &hash);
+            let pods = by_node.remove(name).unwrap_or_default();
+            if Self::eligible(&probe, node) {
+                desired += 1;
+                if pods.is_empty() {
+                    let out = self.client.create(PODS, Some(&ns), probe).await?;
+                    self.note_write(key, meta::resource_version(&out));
+                    unavailable += 1;
+                    continue;
+                }
+                scheduled += 1;
+                // Keep the newest-template pod, drop duplicates.
+                let mut pods = pods;
+                pods.sort_by_key(|p| meta::labels(p).get(HASH_LABEL) != Some(&hash));
+                for extra in &pods[1..] {
+                    self.delete(key, extra).await?;
+                }
+                let p = &pods[0];
+                let is_ready = meta::pod_ready(p);
+                if is_ready {
+                    ready += 1;
+                } else {
+                    unavailable += 1;
+                }
+                if meta::labels(p).get(HASH_LABEL) == Some(&hash) {
+                    updated += 1;
+                } else {
+                    stale.push(p.clone());
+                }
+            } else if !pods.is_empty() {
+                misscheduled += 1;
+                for p in &pods {
+                    self.delete(key, p).await?;
+                }
+            }
+        }
+        // Pods for nodes that are gone.
+        for pods in by_node.values() {
+            for p in pods {
+                self.delete(key, p).await?;
+            }
+        }
+        // Rolling update: replace stale pods within maxUnavailable
+        // (not-ready stale pods first: they cost nothing).
+        let rolling = ds
+            .pointer("/spec/updateStrategy/type")
+            .and_then(Value::as_str)
+            != Some("OnDelete");
+        if rolling && !stale.is_empty() {
+            let max_unavailable = int_or_percent(
+                ds.pointer("/spec/updateStrategy/rollingUpdate/maxUnavailable"),
+                desired,
+                false,
+                1,
+            )
+            .max(1);
+            stale.sort_by_key(|p| meta::pod_ready(p));
+            let mut budget = max_unavailable - unavailable;
+            for p in &stale {
+                if !meta::pod_ready(p) {
+                    self.delete(key, p).await?;
+                } else if budget > 0 {
+                    budget -= 1;
+                    self.delete(key, p).await?;
+                }
+            }
+        }
+        let old_status = ds.get("status").cloned().unwrap_or(json!({}));
+        let mut status = old_status.clone();
+        status["desiredNumberScheduled"] = json!(desired);
+        status["currentNumberScheduled"] = json!(scheduled);
+        status["numberMisscheduled"] = json!(misscheduled);
+        status["numberReady"] = json!(ready);
+        status["numberAvailable"] = json!(ready);
+        status["numberUnavailable"] = json!((desired - ready).max(0));
+        status["updatedNumberScheduled"] = json!(updated);
+        status["observedGeneration"] = json!(meta::generation(&ds));
+        if status != old_status {
+            crate::client::ignore_not_found(
+                self.client
+                    .patch(
+                        DAEMON_SETS,
+                        Some(&ns),
+                        meta::name(&ds),
+                        Some("status"),
+                        json!({"status": status}),
+                    )
+                    .await,
+            )?;
+        }
+        Ok(Requeue::No)
+    }
+}

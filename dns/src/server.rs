@@ -1,0 +1,232 @@
+//! The hickory-server side: a [`RequestHandler`] that answers from the
+//! current snapshot or forwards, and the sockets it serves on.
+
+use crate::{
+    answer::{self, Outcome, ZoneSettings},
+    forward::Forwarder,
+    model::Snapshot,
+};
+use arc_swap::ArcSwapOption;
+use hickory_server::{
+    net::runtime::Time,
+    proto::{
+        op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode},
+        rr::{Record, RecordType},
+    },
+    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    zone_handler::MessageResponseBuilder,
+};
+use std::{net::SocketAddr, sync::Arc};
+
+/// Largest UDP payload we send, whatever a client advertises (DNS Flag Day 2020
+/// advice is ~1232 to avoid fragmentation; 4096 is the common ceiling).
+const MAX_UDP_PAYLOAD: u16 = 4096;
+
+#[derive(Debug)]
+pub(crate) struct Handler {
+    pub snapshot: Arc<ArcSwapOption<Snapshot>>,
+    pub settings: ZoneSettings,
+    pub forwarder: Forwarder,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+fn failed(request: &Request, rcode: ResponseCode) -> ResponseInfo {
+    let mut metadata = Metadata::new(
+        request.metadata.id,
+        MessageType::Response,
+        request.metadata.op_code,
+    );
+    metadata.response_code = rcode;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        let started = std::time::Instant::now();
+        let info = self.respond(request, response_handle).await;
+        let qtype = match request.queries.queries() {
+            [q] => q.query_type(),
+            _ => RecordType::Unknown(0),
+        };
+        self.metrics
+            .query(qtype, info.response_code, started.elapsed());
+        info
+    }
+}
+
+impl Handler {
+    async fn respond<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = true;
+        // Echo EDNS with our own payload size; hickory truncates the reply
+        // (TC) to it on UDP, or to 512 bytes when the query had no EDNS.
+        let edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+            e
+        });
+        let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+
+        let send_error = |rcode| {
+            let mut m = metadata;
+            m.response_code = rcode;
+            m
+        };
+        let queries = request.queries.queries();
+        let outcome = if request.metadata.op_code != OpCode::Query {
+            Err(ResponseCode::NotImp)
+        } else if queries.len() != 1 {
+            Err(ResponseCode::FormErr)
+        } else {
+            let q = queries[0].original();
+            let snap = self.snapshot.load();
+            match answer::answer(snap.as_deref(), &self.settings, q.name(), q.query_type()) {
+                Outcome::Answer(reply) => Ok(Some(reply)),
+                Outcome::Refused => Err(ResponseCode::Refused),
+                Outcome::ServFail => Err(ResponseCode::ServFail),
+                Outcome::Forward => Ok(None),
+            }
+        };
+        let result = match outcome {
+            Err(rcode) => {
+                response_handle
+                    .send_response(builder.build_no_records(send_error(rcode)))
+                    .await
+            }
+            Ok(Some(reply)) => {
+                metadata.authoritative = true;
+                metadata.response_code = reply.rcode;
+                response_handle
+                    .send_response(builder.build(
+                        metadata,
+                        reply.answers.iter(),
+                        std::iter::empty::<&Record>(),
+                        reply.soa.iter(),
+                        reply.additionals.iter(),
+                    ))
+                    .await
+            }
+            Ok(None) => {
+                let q = queries[0].original();
+                // The snapshot guard is gone here: nothing is held across
+                // the upstream round trip.
+                match self
+                    .forwarder
+                    .resolve(q.name(), q.query_type(), q.query_class())
+                    .await
+                {
+                    Ok((up, cached)) => {
+                        self.metrics.cache(cached);
+                        metadata.response_code = up.rcode;
+                        // Upstream answers carry the lowercase name we asked;
+                        // give the client back its own spelling.
+                        let mut answers = up.answers;
+                        let lower = q.name().to_lowercase();
+                        for r in &mut answers {
+                            if r.name == lower {
+                                r.name = q.name().clone();
+                            }
+                        }
+                        response_handle
+                            .send_response(builder.build(
+                                metadata,
+                                answers.iter(),
+                                up.authorities.iter(),
+                                std::iter::empty::<&Record>(),
+                                up.additionals.iter(),
+                            ))
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(name = %q.name(), error = %e, "forwarding failed");
+                        response_handle
+                            .send_response(
+                                builder.build_no_records(send_error(ResponseCode::ServFail)),
+                            )
+                            .await
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "sending a DNS response failed");
+                failed(request, ResponseCode::ServFail)
+            }
+        }
+    }
+}
+
+/// Binds `count` UDP sockets on one address with SO_REUSEPORT (the kernel
+/// spreads datagrams over them, so each core can serve its own socket) and
+/// a TCP listener on the same port.
+pub(crate) fn bind(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<(
+    Vec<tokio::net::UdpSocket>,
+    tokio::net::TcpListener,
+    SocketAddr,
+)> {
+    // Port 0: the kernel picks the TCP port, and the UDP port may then be
+    // taken by someone else; pick again a few times.
+    let attempts = if addr.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        match bind_once(addr, count) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
+}
+
+fn bind_once(
+    addr: SocketAddr,
+    count: usize,
+) -> std::io::Result<(
+    Vec<tokio::net::UdpSocket>,
+    tokio::net::TcpListener,
+    SocketAddr,
+)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = Domain::for_address(addr);
+    // TCP first, without SO_REUSEPORT: owning the TCP port keeps another
+    // skep DNS (which binds the same way) off this port's UDP sockets.
+    let t = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    t.set_reuse_address(true)?;
+    t.set_nonblocking(true)?;
+    t.bind(&addr.into())?;
+    t.listen(1024)?;
+    let addr = t.local_addr()?.as_socket().unwrap_or(addr);
+    let tcp = tokio::net::TcpListener::from_std(t.into())?;
+    let mut udp = Vec::with_capacity(count.max(1));
+    for _ in 0..count.max(1) {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(true)?;
+        // Bursts (many clients behind one node, a busy CPU) must queue in
+        // the kernel rather than be dropped; the default (~200 KiB) holds
+        // only a few thousand small queries. The kernel caps this at
+        // net.core.rmem_max, which is fine.
+        let _ = s.set_recv_buffer_size(4 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        udp.push(tokio::net::UdpSocket::from_std(s.into())?);
+    }
+    Ok((udp, tcp, addr))
+}
