@@ -13,16 +13,13 @@ use crate::{
     error::Result,
     informer::{Change, Informer, Informers},
     meta,
+    own_writes::OwnWrites,
     queue::Queue,
     runner::{Reconciler, Requeue},
     scheduler::{affinity_matches, tolerates},
 };
 use serde_json::{Value, json};
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 pub const DAEMON_SETS: crate::client::Gvr = ("apps", "v1", "daemonsets");
 pub const HASH_LABEL: &str = "controller-revision-hash";
@@ -50,7 +47,7 @@ pub struct DaemonSetController {
     sets: Arc<Informer>,
     pods: Arc<Informer>,
     nodes: Arc<Informer>,
-    written: Mutex<HashMap<String, i64>>,
+    written: OwnWrites,
 }
 
 /// The node a daemon pod is for: where it is bound, else its affinity.
@@ -74,7 +71,7 @@ impl DaemonSetController {
             sets: informers.get_or_create(client.info(DAEMON_SETS)?),
             pods: informers.get_or_create(client.info(PODS)?),
             nodes: informers.get_or_create(client.info(NODES)?),
-            written: Mutex::new(HashMap::new()),
+            written: OwnWrites::default(),
         });
         let q = queue.clone();
         c.sets.on_change(Arc::new(move |ch: &Change| {
@@ -112,13 +109,6 @@ impl DaemonSetController {
             }
         }));
         Ok(crate::runner::spawn(c, queue, 2))
-    }
-
-    fn note_write(&self, key: &str, rev: i64) {
-        if let Ok(mut w) = self.written.lock() {
-            let e = w.entry(key.to_owned()).or_insert(0);
-            *e = (*e).max(rev);
-        }
     }
 
     /// The pod this DaemonSet runs on `node`.
@@ -196,7 +186,7 @@ impl DaemonSetController {
             .await
         {
             Ok(out) => {
-                self.note_write(key, meta::resource_version(&out));
+                self.written.note(key, meta::resource_version(&out));
                 Ok(())
             }
             Err(e) if e.is_not_found() => Ok(()),
@@ -212,19 +202,9 @@ impl Reconciler for DaemonSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        let wait_rev = self
-            .written
-            .lock()
-            .ok()
-            .and_then(|w| w.get(key).copied())
-            .unwrap_or(0);
-        if wait_rev > 0 {
-            self.pods.wait_for(wait_rev, Duration::from_secs(5)).await;
-        }
+        self.written.catch_up(key, &self.pods).await;
         let Some(ds) = self.sets.get(key) else {
-            if let Ok(mut w) = self.written.lock() {
-                w.remove(key);
-            }
+            self.written.forget(key);
             return Ok(Requeue::No);
         };
         if meta::is_deleting(&ds) {
@@ -259,7 +239,7 @@ impl Reconciler for DaemonSetController {
                 desired += 1;
                 if pods.is_empty() {
                     let out = self.client.create(PODS, Some(&ns), probe).await?;
-                    self.note_write(key, meta::resource_version(&out));
+                    self.written.note(key, meta::resource_version(&out));
                     unavailable += 1;
                     continue;
                 }

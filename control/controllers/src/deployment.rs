@@ -11,15 +11,12 @@ use crate::{
     error::Result,
     informer::{Change, Informer, Informers},
     meta,
+    own_writes::OwnWrites,
     queue::Queue,
     runner::{Reconciler, Requeue},
 };
 use serde_json::{Value, json};
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 pub const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
@@ -34,7 +31,7 @@ pub struct DeploymentController {
     sets: Arc<Informer>,
     /// Recreate waits for the old pods themselves (terminating ones too).
     pods: Arc<Informer>,
-    written: Mutex<HashMap<String, i64>>,
+    written: OwnWrites,
 }
 
 /// FNV-1a, 32 bits: upstream hashes the template with it too.
@@ -178,7 +175,7 @@ impl DeploymentController {
             deployments: informers.get_or_create(client.info(DEPLOYMENTS)?),
             sets: informers.get_or_create(client.info(REPLICA_SETS)?),
             pods: informers.get_or_create(client.info(PODS)?),
-            written: Mutex::new(HashMap::new()),
+            written: OwnWrites::default(),
         });
         let q = queue.clone();
         c.deployments.on_change(Arc::new(move |ch: &Change| {
@@ -189,6 +186,20 @@ impl DeploymentController {
         let q = queue.clone();
         let deployments = c.deployments.clone();
         c.sets.on_change(Arc::new(move |ch: &Change| {
+            // An orphaned ReplicaSet may be adopted by a Deployment whose
+            // selector matches it.
+            if let Some(rs) = &ch.new
+                && meta::controller_uid(rs).is_none()
+                && !meta::is_deleting(rs)
+                && let Some(ns) = meta::namespace(rs)
+            {
+                let labels = meta::labels(rs);
+                for d in deployments.list_ns(ns) {
+                    if meta::selector(&d).is_some_and(|sel| sel.matches(&labels)) {
+                        q.add(meta::key(&d));
+                    }
+                }
+            }
             for rs in [&ch.old, &ch.new].into_iter().flatten() {
                 let (Some(uid), Some(ns)) = (meta::controller_uid(rs), meta::namespace(rs)) else {
                     continue;
@@ -241,11 +252,57 @@ impl DeploymentController {
         Ok(crate::runner::spawn(c, queue, 2))
     }
 
-    fn note_write(&self, key: &str, rev: i64) {
-        if let Ok(mut w) = self.written.lock() {
-            let e = w.entry(key.to_owned()).or_insert(0);
-            *e = (*e).max(rev);
+    /// Takes ReplicaSets without a controller that the selector matches
+    /// and lets go of owned ones it no longer matches; true if it changed
+    /// anything.
+    async fn adopt_and_release(&self, key: &str, d: &Value) -> Result<bool> {
+        let Some(selector) = meta::selector(d) else {
+            return Ok(false);
+        };
+        let uid = meta::uid(d);
+        let mut changed = false;
+        for rs in self.sets.list_ns(meta::namespace(d).unwrap_or("default")) {
+            if meta::is_deleting(&rs) {
+                continue;
+            }
+            let matches = selector.matches(&meta::labels(&rs));
+            let refs = meta::owner_refs(&rs);
+            let next: Vec<Value> = match meta::controller_uid(&rs) {
+                None if matches => {
+                    let mut r = refs;
+                    r.push(meta::controller_ref(d, "apps/v1", "Deployment"));
+                    r
+                }
+                Some(u) if u == uid && !matches => refs
+                    .into_iter()
+                    .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
+                    .collect(),
+                _ => continue,
+            };
+            let patch = json!({"metadata": {
+                "ownerReferences": if next.is_empty() { Value::Null } else { json!(next) },
+                "resourceVersion": meta::resource_version(&rs).to_string(),
+            }});
+            match self
+                .client
+                .patch(
+                    REPLICA_SETS,
+                    meta::namespace(&rs),
+                    meta::name(&rs),
+                    None,
+                    patch,
+                )
+                .await
+            {
+                Ok(out) => {
+                    self.written.note(key, meta::resource_version(&out));
+                    changed = true;
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(changed)
     }
 
     async fn scale(&self, key: &str, rs: &Value, replicas: i64, d: &Value) -> Result<()> {
@@ -270,7 +327,7 @@ impl DeploymentController {
                 patch,
             )
             .await?;
-        self.note_write(key, meta::resource_version(&out));
+        self.written.note(key, meta::resource_version(&out));
         Ok(())
     }
 
@@ -328,7 +385,7 @@ impl DeploymentController {
                         json!({"metadata": {"annotations": ann}}),
                     )
                     .await?;
-                self.note_write(key, meta::resource_version(&out));
+                self.written.note(key, meta::resource_version(&out));
                 return Ok(out);
             }
             return Ok((*rs).clone());
@@ -369,7 +426,7 @@ impl DeploymentController {
         });
         match self.client.create(REPLICA_SETS, Some(ns), rs).await {
             Ok(out) => {
-                self.note_write(key, meta::resource_version(&out));
+                self.written.note(key, meta::resource_version(&out));
                 tracing::info!(deployment = %key, replicaset = %meta::name(&out), "created a ReplicaSet");
                 Ok(out)
             }
@@ -667,19 +724,9 @@ impl Reconciler for DeploymentController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        let wait_rev = self
-            .written
-            .lock()
-            .ok()
-            .and_then(|w| w.get(key).copied())
-            .unwrap_or(0);
-        if wait_rev > 0 {
-            self.sets.wait_for(wait_rev, Duration::from_secs(5)).await;
-        }
+        self.written.catch_up(key, &self.sets).await;
         let Some(d) = self.deployments.get(key) else {
-            if let Ok(mut w) = self.written.lock() {
-                w.remove(key);
-            }
+            self.written.forget(key);
             return Ok(Requeue::No);
         };
         if meta::is_deleting(&d) {
@@ -687,6 +734,9 @@ impl Reconciler for DeploymentController {
         }
         let uid = meta::uid(&d).to_owned();
         let ns = meta::namespace(&d).unwrap_or("default").to_owned();
+        if self.adopt_and_release(key, &d).await? {
+            return Ok(Requeue::After(Duration::from_millis(1)));
+        }
         let owned: Vec<Arc<Value>> = self
             .sets
             .list_ns(&ns)

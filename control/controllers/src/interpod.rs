@@ -95,6 +95,10 @@ fn terms(pod: &Value) -> Vec<Term> {
     out
 }
 
+pub fn has_anti_affinity(pod: &Value) -> bool {
+    terms(pod).iter().any(|t| t.anti)
+}
+
 /// Whether the pod needs [`Neighbours`] at all.
 pub fn needed(pod: &Value) -> bool {
     !host_ports(pod).is_empty() || !terms(pod).is_empty()
@@ -118,6 +122,9 @@ pub struct Neighbours {
     /// The pod matches its own affinity terms (the first of a group may
     /// then go anywhere, as upstream allows).
     self_match: Vec<bool>,
+    /// (topologyKey, value) domains that placed pods' anti-affinity
+    /// closes to this pod.
+    forbidden: HashSet<(String, String)>,
 }
 
 impl Neighbours {
@@ -158,11 +165,27 @@ impl Neighbours {
             self_match.push(t.namespaces.contains(own_ns) && t.selector.matches(&own_labels));
             out_terms.push((t, values, any));
         }
+        // Symmetry: a placed pod whose anti-affinity selects this pod
+        // keeps it out of its topology domain.
+        let mut forbidden = HashSet::new();
+        for (node, ps) in placed {
+            for p in ps {
+                for t in terms(p).into_iter().filter(|t| t.anti) {
+                    if t.namespaces.contains(own_ns)
+                        && t.selector.matches(&own_labels)
+                        && let Some(v) = node_labels.get(node).and_then(|l| l.get(&t.topology_key))
+                    {
+                        forbidden.insert((t.topology_key.clone(), v.clone()));
+                    }
+                }
+            }
+        }
         Self {
             ports,
             used_ports,
             terms: out_terms,
             self_match,
+            forbidden,
         }
     }
 
@@ -182,6 +205,9 @@ impl Neighbours {
             if clash {
                 return Some(Misfit::HostPorts);
             }
+        }
+        if self.forbidden.iter().any(|(k, v)| labels.get(k) == Some(v)) {
+            return Some(Misfit::PodAntiAffinity);
         }
         for ((t, values, any), self_match) in self.terms.iter().zip(&self.self_match) {
             let here = labels.get(&t.topology_key);

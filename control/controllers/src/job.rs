@@ -11,15 +11,12 @@ use crate::{
     error::Result,
     informer::{Change, Informer, Informers},
     meta,
+    own_writes::OwnWrites,
     queue::Queue,
     runner::{Reconciler, Requeue},
 };
 use serde_json::{Value, json};
-use std::{
-    collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 pub const JOBS: crate::client::Gvr = ("batch", "v1", "jobs");
 pub const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
@@ -29,7 +26,7 @@ pub struct JobController {
     client: Client,
     jobs: Arc<Informer>,
     pods: Arc<Informer>,
-    written: Mutex<HashMap<String, i64>>,
+    written: OwnWrites,
 }
 
 fn spec_i64(j: &Value, f: &str) -> Option<i64> {
@@ -75,7 +72,7 @@ impl JobController {
             client: client.clone(),
             jobs: informers.get_or_create(client.info(JOBS)?),
             pods: informers.get_or_create(client.info(PODS)?),
-            written: Mutex::new(HashMap::new()),
+            written: OwnWrites::default(),
         });
         let q = queue.clone();
         c.jobs.on_change(Arc::new(move |ch: &Change| {
@@ -100,13 +97,6 @@ impl JobController {
             }
         }));
         Ok(crate::runner::spawn(c, queue, 2))
-    }
-
-    fn note_write(&self, key: &str, rev: i64) {
-        if let Ok(mut w) = self.written.lock() {
-            let e = w.entry(key.to_owned()).or_insert(0);
-            *e = (*e).max(rev);
-        }
     }
 
     fn pod_for(job: &Value, index: Option<i64>) -> Value {
@@ -161,7 +151,7 @@ impl JobController {
                 .delete(PODS, meta::namespace(p), meta::name(p), Some(meta::uid(p)))
                 .await
             {
-                Ok(out) => self.note_write(key, meta::resource_version(&out)),
+                Ok(out) => self.written.note(key, meta::resource_version(&out)),
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e),
             }
@@ -210,19 +200,9 @@ impl Reconciler for JobController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        let wait_rev = self
-            .written
-            .lock()
-            .ok()
-            .and_then(|w| w.get(key).copied())
-            .unwrap_or(0);
-        if wait_rev > 0 {
-            self.pods.wait_for(wait_rev, Duration::from_secs(5)).await;
-        }
+        self.written.catch_up(key, &self.pods).await;
         let Some(job) = self.jobs.get(key) else {
-            if let Ok(mut w) = self.written.lock() {
-                w.remove(key);
-            }
+            self.written.forget(key);
             return Ok(Requeue::No);
         };
         if meta::is_deleting(&job) {
@@ -335,7 +315,7 @@ impl Reconciler for JobController {
                     .client
                     .create(PODS, Some(&ns), Self::pod_for(&job, idx))
                     .await?;
-                self.note_write(key, meta::resource_version(&out));
+                self.written.note(key, meta::resource_version(&out));
             }
             if let Some(ads) = spec_i64(&job, "activeDeadlineSeconds") {
                 requeue = Requeue::After(Duration::from_secs(ads.max(1) as u64));

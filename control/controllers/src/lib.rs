@@ -24,6 +24,7 @@ pub mod leader;
 pub mod manager;
 pub mod meta;
 pub mod nodelifecycle;
+pub mod own_writes;
 pub mod quantity;
 pub mod queue;
 pub mod replicaset;

@@ -14,16 +14,13 @@ use crate::{
     error::Result,
     informer::{Change, Informer, Informers},
     meta,
+    own_writes::OwnWrites,
     queue::Queue,
     runner::{Reconciler, Requeue},
 };
 use futures::future::join_all;
 use serde_json::{Value, json};
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 /// At most this many pods are created or deleted per reconcile, as the
 /// upstream controller's burst.
@@ -35,7 +32,7 @@ pub struct ReplicaSetController {
     sets: Arc<Informer>,
     pods: Arc<Informer>,
     /// Revision of this controller's last pod write per ReplicaSet.
-    written: Mutex<HashMap<String, i64>>,
+    written: OwnWrites,
 }
 
 impl ReplicaSetController {
@@ -48,7 +45,7 @@ impl ReplicaSetController {
             client: client.clone(),
             sets: informers.get_or_create(client.info(REPLICA_SETS)?),
             pods: informers.get_or_create(client.info(PODS)?),
-            written: Mutex::new(HashMap::new()),
+            written: OwnWrites::default(),
         });
         let q = queue.clone();
         c.sets.on_change(Arc::new(move |ch: &Change| {
@@ -96,13 +93,6 @@ impl ReplicaSetController {
             }
         }));
         Ok(crate::runner::spawn(c, queue, 4))
-    }
-
-    fn note_write(&self, key: &str, rev: i64) {
-        if let Ok(mut w) = self.written.lock() {
-            let e = w.entry(key.to_owned()).or_insert(0);
-            *e = (*e).max(rev);
-        }
     }
 
     fn pod_from_template(rs: &Value) -> Value {
@@ -162,7 +152,7 @@ impl ReplicaSetController {
                 .await
             {
                 Ok(out) => {
-                    self.note_write(key, meta::resource_version(&out));
+                    self.written.note(key, meta::resource_version(&out));
                     changed = true;
                 }
                 Err(e) if e.is_not_found() => {}
@@ -195,7 +185,7 @@ impl ReplicaSetController {
         let mut first_err = None;
         for r in results {
             match r {
-                Ok(p) => self.note_write(key, meta::resource_version(&p)),
+                Ok(p) => self.written.note(key, meta::resource_version(&p)),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -215,7 +205,7 @@ impl ReplicaSetController {
         let mut first_err = None;
         for r in results {
             match r {
-                Ok(p) => self.note_write(key, meta::resource_version(&p)),
+                Ok(p) => self.written.note(key, meta::resource_version(&p)),
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -233,19 +223,9 @@ impl Reconciler for ReplicaSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        let wait_rev = self
-            .written
-            .lock()
-            .ok()
-            .and_then(|w| w.get(key).copied())
-            .unwrap_or(0);
-        if wait_rev > 0 {
-            self.pods.wait_for(wait_rev, Duration::from_secs(5)).await;
-        }
+        self.written.catch_up(key, &self.pods).await;
         let Some(rs) = self.sets.get(key) else {
-            if let Ok(mut w) = self.written.lock() {
-                w.remove(key);
-            }
+            self.written.forget(key);
             return Ok(Requeue::No);
         };
         let uid = meta::uid(&rs).to_owned();

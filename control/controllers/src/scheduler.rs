@@ -300,6 +300,9 @@ struct Accounting {
     assumed: HashSet<String>,
     per_node: HashMap<String, Resources>,
     nodes: BTreeMap<String, Arc<NodeInfo>>,
+    /// Pods with required anti-affinity: every decision must respect
+    /// them (symmetry), not only theirs.
+    anti: HashSet<String>,
     /// Where the next search starts, so nodes share the load of searches
     /// that stop early.
     next_start: usize,
@@ -385,6 +388,14 @@ impl Scheduler {
                     freed = a.placed.contains_key(&key) && placement.is_none();
                     a.place(&key, placement);
                 }
+                match &ch.new {
+                    Some(n) if crate::interpod::has_anti_affinity(n) => {
+                        a.anti.insert(key.clone());
+                    }
+                    _ => {
+                        a.anti.remove(&key);
+                    }
+                }
             }
             if let Some(n) = &ch.new
                 && wants_scheduling(n)
@@ -462,7 +473,7 @@ impl Scheduler {
         let mut feasible: Vec<(i64, &Arc<NodeInfo>)> = Vec::new();
         let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
         let mut looked = 0;
-        let neighbours = crate::interpod::needed(pod).then(|| {
+        let neighbours = (crate::interpod::needed(pod) || !a.anti.is_empty()).then(|| {
             let mut placed: HashMap<String, Vec<Arc<Value>>> = HashMap::new();
             for (k, (node, _)) in &a.placed {
                 if let Some(p) = self.pods.get(k) {

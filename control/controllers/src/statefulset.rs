@@ -17,15 +17,12 @@ use crate::{
     error::Result,
     informer::{Change, Informer, Informers},
     meta,
+    own_writes::OwnWrites,
     queue::Queue,
     runner::{Reconciler, Requeue},
 };
 use serde_json::{Value, json};
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 pub const STATEFUL_SETS: crate::client::Gvr = ("apps", "v1", "statefulsets");
 pub const PVCS: crate::client::Gvr = ("", "v1", "persistentvolumeclaims");
@@ -38,7 +35,7 @@ pub struct StatefulSetController {
     client: Client,
     sets: Arc<Informer>,
     pods: Arc<Informer>,
-    written: Mutex<HashMap<String, i64>>,
+    written: OwnWrites,
 }
 
 /// The ordinal in `<set>-<ordinal>`.
@@ -60,7 +57,7 @@ impl StatefulSetController {
             client: client.clone(),
             sets: informers.get_or_create(client.info(STATEFUL_SETS)?),
             pods: informers.get_or_create(client.info(PODS)?),
-            written: Mutex::new(HashMap::new()),
+            written: OwnWrites::default(),
         });
         let q = queue.clone();
         c.sets.on_change(Arc::new(move |ch: &Change| {
@@ -85,13 +82,6 @@ impl StatefulSetController {
             }
         }));
         Ok(crate::runner::spawn(c, queue, 2))
-    }
-
-    fn note_write(&self, key: &str, rev: i64) {
-        if let Ok(mut w) = self.written.lock() {
-            let e = w.entry(key.to_owned()).or_insert(0);
-            *e = (*e).max(rev);
-        }
     }
 
     fn claim_name(template: &Value, set: &str, ord: i64) -> String {
@@ -186,7 +176,7 @@ impl StatefulSetController {
             .await
         {
             Ok(out) => {
-                self.note_write(key, meta::resource_version(&out));
+                self.written.note(key, meta::resource_version(&out));
                 Ok(())
             }
             Err(e) if e.is_not_found() => Ok(()),
@@ -202,19 +192,9 @@ impl Reconciler for StatefulSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        let wait_rev = self
-            .written
-            .lock()
-            .ok()
-            .and_then(|w| w.get(key).copied())
-            .unwrap_or(0);
-        if wait_rev > 0 {
-            self.pods.wait_for(wait_rev, Duration::from_secs(5)).await;
-        }
+        self.written.catch_up(key, &self.pods).await;
         let Some(sts) = self.sets.get(key) else {
-            if let Ok(mut w) = self.written.lock() {
-                w.remove(key);
-            }
+            self.written.forget(key);
             return Ok(Requeue::No);
         };
         if meta::is_deleting(&sts) {
@@ -282,7 +262,7 @@ impl Reconciler for StatefulSetController {
                         .create(PODS, Some(&ns), Self::pod_for(&sts, ord, &update_rev))
                         .await
                     {
-                        Ok(out) => self.note_write(key, meta::resource_version(&out)),
+                        Ok(out) => self.written.note(key, meta::resource_version(&out)),
                         Err(e) if e.is_already_exists() => {}
                         Err(e) => return Err(e),
                     }

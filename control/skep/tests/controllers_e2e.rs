@@ -698,6 +698,62 @@ fn garbage_collection_background_foreground_and_orphan() {
         2,
         "pods were created besides the adopted ones"
     );
+
+    // A Deployment deleted with --cascade=orphan leaves its ReplicaSet and
+    // pods; applied again, it adopts them instead of starting over.
+    let dep = DEPLOY
+        .replace("namespace: roll", "namespace: gc")
+        .replace("app: web", "app: kept");
+    s.kubectl_stdin(V, &["apply", "-f", "-"], Some(&dep));
+    s.k(
+        V,
+        &[
+            "-n",
+            "gc",
+            "rollout",
+            "status",
+            "deploy/web",
+            "--timeout=60s",
+        ],
+    );
+    let rs_before = items(&s, &["-n", "gc", "get", "rs", "-l", "app=kept"]);
+    assert_eq!(rs_before.len(), 1);
+    s.k(
+        V,
+        &[
+            "-n",
+            "gc",
+            "delete",
+            "deploy",
+            "web",
+            "--cascade=orphan",
+            "--timeout=30s",
+        ],
+    );
+    let rs = items(&s, &["-n", "gc", "get", "rs", "-l", "app=kept"]);
+    assert_eq!(rs.len(), 1);
+    assert!(rs[0]["metadata"]["ownerReferences"].is_null(), "{}", rs[0]);
+    s.kubectl_stdin(V, &["apply", "-f", "-"], Some(&dep));
+    let uid = s.json(V, &["-n", "gc", "get", "deploy", "web"])["metadata"]["uid"].clone();
+    eventually(20, "the ReplicaSet adopted", || {
+        let rs = items(&s, &["-n", "gc", "get", "rs", "-l", "app=kept"]);
+        (rs.len() == 1
+            && rs[0]["metadata"]["name"] == rs_before[0]["metadata"]["name"]
+            && rs[0]["metadata"]["ownerReferences"][0]["uid"] == uid)
+            .then_some(())
+    });
+    s.k(
+        V,
+        &[
+            "-n",
+            "gc",
+            "rollout",
+            "status",
+            "deploy/web",
+            "--timeout=60s",
+        ],
+    );
+    assert_eq!(running_pods(&s, "gc", "app=kept").len(), 3);
 }
 
 #[test]
@@ -1458,6 +1514,24 @@ fn scheduler_honours_pod_anti_affinity_affinity_and_host_ports() {
         .unwrap();
     eventually(20, "the anti-affinity message", || {
         let p = s.json(V, &["-n", "aff", "get", "pod", pending]);
+        let c = p["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "PodScheduled")?
+            .clone();
+        (c["message"] == "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.")
+            .then_some(())
+    });
+
+    // Symmetry: a pod without affinity of its own but matching theirs is
+    // kept off their nodes too.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(&pod("plain-one", "{app: one}", "")),
+    );
+    eventually(20, "the symmetric anti-affinity message", || {
+        let p = s.json(V, &["-n", "aff", "get", "pod", "plain-one"]);
         let c = p["status"]["conditions"]
             .as_array()?
             .iter()

@@ -1,0 +1,46 @@
+//! Read-your-own-writes for controllers (upstream's "expectations"): the
+//! newest revision a key's reconcile wrote. The next reconcile of that key
+//! first waits until the informer cache has caught up with it, so it never
+//! acts on a state older than its own writes (and, say, creates a pod twice).
+
+use crate::informer::Informer;
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+/// How long a reconcile waits for the cache before going on anyway (the
+/// write may have been superseded or the watch may be relisting).
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+pub struct OwnWrites {
+    written: Mutex<HashMap<String, i64>>,
+}
+
+impl OwnWrites {
+    /// Records that reconciling `key` wrote revision `rev`.
+    pub fn note(&self, key: &str, rev: i64) {
+        if let Ok(mut w) = self.written.lock() {
+            let e = w.entry(key.to_owned()).or_insert(0);
+            *e = (*e).max(rev);
+        }
+    }
+
+    /// Waits until `cache` has seen this key's last write.
+    pub async fn catch_up(&self, key: &str, cache: &Informer) {
+        let rev = self
+            .written
+            .lock()
+            .ok()
+            .and_then(|w| w.get(key).copied())
+            .unwrap_or(0);
+        if rev > 0 {
+            cache.wait_for(rev, CATCH_UP).await;
+        }
+    }
+
+    /// Drops what is known about a key whose object is gone.
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut w) = self.written.lock() {
+            w.remove(key);
+        }
+    }
+}
