@@ -95,16 +95,8 @@ impl DaemonSetController {
         let q = queue.clone();
         c.pods.on_change(Arc::new(move |ch: &Change| {
             for p in [&ch.old, &ch.new].into_iter().flatten() {
-                let Some(ns) = meta::namespace(p) else {
-                    continue;
-                };
-                for r in meta::owner_refs(p) {
-                    if r.get("kind").and_then(Value::as_str) == Some("DaemonSet")
-                        && r.get("controller").and_then(Value::as_bool) == Some(true)
-                        && let Some(n) = r.get("name").and_then(Value::as_str)
-                    {
-                        q.add(format!("{ns}/{n}"));
-                    }
+                if let Some(owner) = meta::controller_key(p, "DaemonSet") {
+                    q.add(owner);
                 }
             }
         }));
@@ -180,18 +172,7 @@ impl DaemonSetController {
     }
 
     async fn delete(&self, key: &str, p: &Value) -> Result<()> {
-        match self
-            .client
-            .delete(PODS, meta::namespace(p), meta::name(p), Some(meta::uid(p)))
-            .await
-        {
-            Ok(out) => {
-                self.written.note(key, meta::resource_version(&out));
-                Ok(())
-            }
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.written.delete_pod(&self.client, key, p).await
     }
 }
 

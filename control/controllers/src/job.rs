@@ -83,16 +83,8 @@ impl JobController {
         let q = queue.clone();
         c.pods.on_change(Arc::new(move |ch: &Change| {
             for p in [&ch.old, &ch.new].into_iter().flatten() {
-                let Some(ns) = meta::namespace(p) else {
-                    continue;
-                };
-                for r in meta::owner_refs(p) {
-                    if r.get("kind").and_then(Value::as_str) == Some("Job")
-                        && r.get("controller").and_then(Value::as_bool) == Some(true)
-                        && let Some(n) = r.get("name").and_then(Value::as_str)
-                    {
-                        q.add(format!("{ns}/{n}"));
-                    }
+                if let Some(owner) = meta::controller_key(p, "Job") {
+                    q.add(owner);
                 }
             }
         }));

@@ -67,6 +67,22 @@ pub fn owner_refs(o: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// `namespace/name` of the object's managing controller when it is of
+/// `kind` (how a pod change is routed to the workload that owns it).
+pub fn controller_key(o: &Value, kind: &str) -> Option<String> {
+    let ns = namespace(o)?;
+    owner_refs(o).iter().find_map(|r| {
+        (r.get("kind").and_then(Value::as_str) == Some(kind)
+            && r.get("controller").and_then(Value::as_bool) == Some(true))
+        .then(|| {
+            r.get("name")
+                .and_then(Value::as_str)
+                .map(|n| format!("{ns}/{n}"))
+        })
+        .flatten()
+    })
+}
+
 /// The uid of the managing controller (`ownerReferences[controller=true]`).
 pub fn controller_uid(o: &Value) -> Option<&str> {
     o.pointer("/metadata/ownerReferences")

@@ -3,7 +3,13 @@
 //! first waits until the informer cache has caught up with it, so it never
 //! acts on a state older than its own writes (and, say, creates a pod twice).
 
-use crate::informer::Informer;
+use crate::{
+    client::{Client, PODS},
+    error::Result,
+    informer::Informer,
+    meta,
+};
+use serde_json::Value;
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 /// How long a reconcile waits for the cache before going on anyway (the
@@ -34,6 +40,27 @@ impl OwnWrites {
             .unwrap_or(0);
         if rev > 0 {
             cache.wait_for(rev, CATCH_UP).await;
+        }
+    }
+
+    /// Deletes `pod` (only that incarnation: uid precondition) on behalf of
+    /// `key`, remembering the write; a pod already gone is fine.
+    pub async fn delete_pod(&self, client: &Client, key: &str, pod: &Value) -> Result<()> {
+        match client
+            .delete(
+                PODS,
+                meta::namespace(pod),
+                meta::name(pod),
+                Some(meta::uid(pod)),
+            )
+            .await
+        {
+            Ok(out) => {
+                self.note(key, meta::resource_version(&out));
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

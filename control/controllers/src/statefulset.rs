@@ -68,16 +68,8 @@ impl StatefulSetController {
         let q = queue.clone();
         c.pods.on_change(Arc::new(move |ch: &Change| {
             for p in [&ch.old, &ch.new].into_iter().flatten() {
-                let Some(ns) = meta::namespace(p) else {
-                    continue;
-                };
-                for r in meta::owner_refs(p) {
-                    if r.get("kind").and_then(Value::as_str) == Some("StatefulSet")
-                        && r.get("controller").and_then(Value::as_bool) == Some(true)
-                        && let Some(n) = r.get("name").and_then(Value::as_str)
-                    {
-                        q.add(format!("{ns}/{n}"));
-                    }
+                if let Some(owner) = meta::controller_key(p, "StatefulSet") {
+                    q.add(owner);
                 }
             }
         }));
@@ -170,18 +162,7 @@ impl StatefulSetController {
     }
 
     async fn delete(&self, key: &str, p: &Value) -> Result<()> {
-        match self
-            .client
-            .delete(PODS, meta::namespace(p), meta::name(p), Some(meta::uid(p)))
-            .await
-        {
-            Ok(out) => {
-                self.written.note(key, meta::resource_version(&out));
-                Ok(())
-            }
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.written.delete_pod(&self.client, key, p).await
     }
 }
 
