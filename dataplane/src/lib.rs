@@ -10,6 +10,7 @@ pub mod error;
 pub mod lb;
 pub mod netns;
 pub mod object;
+pub mod podnet;
 
 pub use counter::{Direction, PacketCounter};
 pub use error::DataplaneError;

@@ -17,6 +17,8 @@ use std::{
 
 const NETNS_DIR: &str = "/run/netns";
 
+static SHARE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A named network namespace. Dropping it deletes the namespace (and with
 /// it every interface inside), so tests clean up even when they panic.
 #[derive(Debug)]
@@ -38,7 +40,13 @@ impl NetNs {
             }
         };
         fs::create_dir_all(NETNS_DIR).map_err(err("creating /run/netns"))?;
-        make_run_dir_shared().map_err(err("making /run/netns a shared mount"))?;
+        {
+            // Concurrent creates (a node agent starting many pods at once)
+            // must not both turn /run/netns into a mount point: stacked
+            // self-bind-mounts hide the namespaces below them.
+            let _guard = SHARE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            make_run_dir_shared().map_err(err("making /run/netns a shared mount"))?;
+        }
         let path = Path::new(NETNS_DIR).join(name);
         OpenOptions::new()
             .write(true)
@@ -116,6 +124,69 @@ impl NetNs {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Gives up ownership: dropping the returned handle leaves the namespace
+    /// in place (pod namespaces outlive the agent call that made them).
+    pub fn keep(mut self) -> Self {
+        self.owned = false;
+        self
+    }
+
+    /// Whether `/run/netns/NAME` is a live namespace (an nsfs bind mount),
+    /// not a bare mount point left by a crash between its steps.
+    pub fn exists(name: &str) -> bool {
+        nix::sys::statfs::statfs(&Path::new(NETNS_DIR).join(name))
+            .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+            .unwrap_or(false)
+    }
+
+    /// Deletes the namespace called `name` if there is one (also a bare
+    /// mount point without a namespace); returns whether anything was there.
+    pub fn remove_named(name: &str) -> Result<bool, DataplaneError> {
+        let path = Path::new(NETNS_DIR).join(name);
+        if !path.exists() {
+            return Ok(false);
+        }
+        match umount2(&path, MntFlags::MNT_DETACH) {
+            // EINVAL: not mounted (a half-made namespace); just remove it.
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(DataplaneError::NetNs {
+                    name: name.to_owned(),
+                    action: "unmounting",
+                    source: e.into(),
+                });
+            }
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+            Err(source) => Err(DataplaneError::NetNs {
+                name: name.to_owned(),
+                action: "removing the mount point",
+                source,
+            }),
+        }
+    }
+
+    /// Names of every namespace in /run/netns (iproute2's list).
+    pub fn list_names() -> Result<Vec<String>, DataplaneError> {
+        let entries = match fs::read_dir(NETNS_DIR) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(DataplaneError::NetNs {
+                    name: NETNS_DIR.to_owned(),
+                    action: "listing",
+                    source,
+                });
+            }
+        };
+        Ok(entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect())
     }
 
     /// Deletes the namespace now (also done on drop for owned handles).

@@ -45,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "unbound",
     "nsd",
+    // The docker runtime's tests start a private dockerd.
+    "docker.io",
 ];
 
 /// Python packages of the API tests: the official Kubernetes client, pinned.

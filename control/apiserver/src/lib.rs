@@ -13,6 +13,7 @@ pub mod crd;
 pub mod defaults;
 pub mod discovery;
 pub mod lifecycle;
+pub mod node_proxy;
 pub mod objects;
 pub mod openapi;
 pub mod openapi_schemas;

@@ -6,6 +6,8 @@
 //! ```text
 //! tls/ca.crt tls/ca.key          cluster CA (ECDSA P-256)
 //! tls/server.crt tls/server.key  serving certificate, re-issued at each start
+//! tls/kubelet-client.{crt,key}   the API server's client certificate for
+//!                                kubelets (CN skep:apiserver), made once
 //! admin-token                    bearer token of the admin user
 //! node-token                     join token for agents
 //! kubeconfig.yaml                admin kubeconfig
@@ -52,10 +54,18 @@ pub struct Credentials {
     pub ca_cert_pem: String,
     pub server_cert_pem: String,
     pub server_key_pem: String,
+    /// The certificate the API server presents to kubelets (logs, exec,
+    /// attach, port-forward); CN [`KUBELET_CLIENT_CN`], no groups.
+    pub kubelet_client_cert_pem: String,
+    pub kubelet_client_key_pem: String,
     pub admin_token: String,
     pub node_token: String,
     pub kubeconfig_path: PathBuf,
 }
+
+/// CN of the API server's kubelet-client certificate; kubelets accept only
+/// this caller.
+pub const KUBELET_CLIENT_CN: &str = "skep:apiserver";
 
 fn read_or_create(
     path: &Path,
@@ -194,6 +204,33 @@ pub fn load_or_create(
     write_private(&tls.join("server.crt"), &server_cert_pem)?;
     write_private(&tls.join("server.key"), &server_key_pem)?;
 
+    // The kubelet-client certificate is kept across restarts (kubelets
+    // only check that it chains to the CA and names the API server). It
+    // carries no organization: presented to this API server it would be a
+    // user without any RBAC grant.
+    let kubelet_client_key_pem = read_or_create(&tls.join("kubelet-client.key"), || {
+        KeyPair::generate()
+            .map(|k| k.serialize_pem())
+            .map_err(cert_err("generating the kubelet-client key"))
+    })?;
+    let kubelet_client_cert_pem = read_or_create(&tls.join("kubelet-client.crt"), || {
+        let key = KeyPair::from_pem(&kubelet_client_key_pem)
+            .map_err(cert_err("reading the kubelet-client key"))?;
+        let mut p = CertificateParams::new(Vec::<String>::new())
+            .map_err(cert_err("kubelet-client parameters"))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, KUBELET_CLIENT_CN);
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.signed_by(&key, &ca_cert, &ca_key)
+            .map(|c| c.pem())
+            .map_err(cert_err("signing the kubelet-client certificate"))
+    })?;
+
     let admin_token = read_or_create(&dir.join("admin-token"), || Ok(random_token()))?
         .trim()
         .to_owned();
@@ -211,6 +248,8 @@ pub fn load_or_create(
         ca_cert_pem,
         server_cert_pem,
         server_key_pem,
+        kubelet_client_cert_pem,
+        kubelet_client_key_pem,
         admin_token,
         node_token,
         kubeconfig_path,
@@ -255,6 +294,8 @@ mod tests {
         let b = load_or_create(dir.path(), &sans, "https://127.0.0.1:6443").unwrap();
         assert_eq!(a.ca_cert_pem, b.ca_cert_pem);
         assert_eq!(a.admin_token, b.admin_token);
+        assert_eq!(a.kubelet_client_cert_pem, b.kubelet_client_cert_pem);
+        assert!(a.kubelet_client_cert_pem.contains("BEGIN CERTIFICATE"));
         assert_ne!(a.admin_token, a.node_token);
         let kc = fs::read_to_string(&a.kubeconfig_path).unwrap();
         assert!(kc.contains(&a.admin_token));

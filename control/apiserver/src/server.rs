@@ -3,7 +3,7 @@
 
 use crate::{
     api::{self, Api, PatchType, Query},
-    discovery, lifecycle, objects, openapi,
+    discovery, lifecycle, node_proxy, objects, openapi,
     pki::{self, Credentials},
     rbac, reviews,
     routes::{self, ResourceRoute, Route},
@@ -123,6 +123,7 @@ struct State {
     authorizer: Arc<rbac::Authorizer>,
     signer: Arc<tokens::Signer>,
     openapi: openapi::Cache,
+    node_proxy: node_proxy::NodeProxy,
 }
 
 impl State {
@@ -491,6 +492,7 @@ pub async fn serve(
         authorizer,
         signer,
         openapi: openapi::Cache::default(),
+        node_proxy: node_proxy::NodeProxy::new(&credentials).map_err(ServeError::Tls)?,
     });
     tracing::info!(%local_addr, kubeconfig = %credentials.kubeconfig_path.display(), "API server listening");
     let task = tokio::spawn(async move {
@@ -543,6 +545,14 @@ pub async fn serve(
 }
 
 fn verb_of(method: &Method, r: &ResourceRoute, query: &Query) -> &'static str {
+    // Streaming into a pod is `create` whatever the method (WebSocket
+    // clients use GET): a reader of pods must not get a shell.
+    if matches!(
+        r.subresource.as_deref(),
+        Some("exec" | "attach" | "portforward")
+    ) {
+        return "create";
+    }
     let watch = crate::api::flag(query, "watch");
     match *method {
         Method::GET if watch => "watch",
@@ -605,6 +615,11 @@ async fn handle(
                 };
                 let resp = if !state.authorizer.authorize(&user, &attrs).0 {
                     error_response(&forbidden(&user, &attrs))
+                } else if node_proxy::is_node_subresource(&r) {
+                    match state.node_proxy.handle(&state.api, req, &r).await {
+                        Ok(resp) => resp,
+                        Err(e) => error_response(&e),
+                    }
                 } else {
                     match resource_request(&state, req, &r, &query, &user).await {
                         Ok(resp) => resp,

@@ -1,26 +1,50 @@
 //! skep's node agent (the kubelet side of a node).
 //!
-//! Built so far: the node's registration (capacity, allocatable, addresses,
-//! nodeInfo, conditions) and its heartbeats: the Node status every 10 s and
-//! a Lease in `kube-node-lease` renewed every 10 s. The node reports
-//! `Ready=False` with the reason until a container runtime runs pods here,
-//! so the scheduler never binds pods to a node that cannot run them.
+//! - `node`: registration (capacity, allocatable, addresses, nodeInfo,
+//!   conditions) and heartbeats: the Node status and a Lease in
+//!   `kube-node-lease`, both every 10 s; Ready follows the runtime's health.
+//! - `pods`: the pod manager (sandboxes, containers, probes, status).
+//! - `runtime`: the container runtime seam and its implementations.
+//! - `network`: pod networking on this node (IPAM + the dataplane's veth
+//!   and namespace plumbing + the load balancer's hooks on each pod).
+//! - `services`: Services and EndpointSlices → the eBPF load balancer.
+//! - `server`: the kubelet's HTTPS endpoint for logs/exec/attach/port-forward.
 
+pub mod ipam;
+pub mod network;
 pub mod node;
+pub mod pods;
+pub mod probe;
+pub mod routes;
+pub mod runtime;
+pub mod server;
 pub mod services;
+pub mod streams;
 
 use serde_json::json;
 use skep_client::Client;
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Api(#[from] skep_client::ClientError),
+    /// The node could not be set up (runtime, directories, endpoint).
+    #[error("{0}")]
+    Setup(String),
     #[error(
         "the server refused the node token ({0}); use the token in the server's DATA_DIR/node-token"
     )]
     Unauthorized(String),
+}
+
+/// Which container runtime runs this node's pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// Built in: each container a process in its own namespaces.
+    Process,
+    /// A Docker daemon, through its API.
+    Docker,
 }
 
 /// What the agent is told about its node.
@@ -33,6 +57,22 @@ pub struct AgentConfig {
     /// bpffs directory for the service load balancer's pins; `None` runs
     /// the node without a dataplane.
     pub bpf_root: Option<std::path::PathBuf>,
+    /// The agent's state directory (containers, pods, logs, IPAM).
+    pub data_dir: std::path::PathBuf,
+    pub runtime: RuntimeKind,
+    /// Port of the kubelet endpoint (logs/exec/port-forward).
+    pub kubelet_port: u16,
+    /// The cluster DNS service address written into pods' resolv.conf.
+    pub cluster_dns: std::net::IpAddr,
+    pub cluster_domain: String,
+    /// The cluster CA (PEM): verifies the apiserver's client certificate
+    /// on the kubelet endpoint and goes into pods' ca.crt.
+    pub ca_pem: String,
+    /// The `skep` binary the process runtime runs as each container's shim
+    /// (default: this executable).
+    pub shim_exe: Option<std::path::PathBuf>,
+    /// Docker's API socket (with `RuntimeKind::Docker`).
+    pub docker_socket: Option<std::path::PathBuf>,
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -42,13 +82,98 @@ fn micro_time() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// Registers the node, then keeps its status and Lease fresh; returns only
-/// on a fatal error.
+/// What the heartbeat reports about the node's health.
+#[derive(Clone)]
+struct Health {
+    runtime: Arc<dyn runtime::Runtime>,
+    runtime_version: String,
+    dataplane_error: Option<String>,
+}
+
+impl Health {
+    async fn node_health(&self) -> node::NodeHealth {
+        let problem = match self.runtime.health().await {
+            Err(e) => Some(format!("container runtime is down: {e}")),
+            Ok(()) => self.dataplane_error.clone(),
+        };
+        node::NodeHealth {
+            not_ready: problem,
+            runtime_version: self.runtime_version.clone(),
+        }
+    }
+}
+
+async fn make_runtime(cfg: &AgentConfig) -> Result<Arc<dyn runtime::Runtime>, AgentError> {
+    match cfg.runtime {
+        RuntimeKind::Process => {
+            let shim = match &cfg.shim_exe {
+                Some(p) => p.clone(),
+                None => std::env::current_exe().map_err(|e| {
+                    AgentError::Setup(format!("finding the skep binary for the shim: {e}"))
+                })?,
+            };
+            let rt =
+                runtime::process::ProcessRuntime::new(runtime::process::ProcessRuntimeConfig {
+                    state_dir: cfg.data_dir.join("containers"),
+                    image_cache: cfg.data_dir.join("images"),
+                    shim_exe: shim,
+                    cgroup_parent: format!("skep-{}", cfg.node_name),
+                })
+                .map_err(|e| AgentError::Setup(e.to_string()))?;
+            Ok(Arc::new(rt))
+        }
+        RuntimeKind::Docker => Err(AgentError::Setup(
+            "the docker runtime is not available in this build yet; use --runtime process".into(),
+        )),
+    }
+}
+
+/// The node's pod CIDR, once the server has assigned it.
+async fn pod_cidr(client: &Client, node: &str) -> Result<(std::net::Ipv4Addr, u8), AgentError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let n = client.get(&format!("/api/v1/nodes/{node}")).await?;
+        if let Some((ip, len)) = n
+            .pointer("/spec/podCIDR")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|c| c.split_once('/'))
+            && let (Ok(ip), Ok(len)) = (ip.parse(), len.parse())
+        {
+            return Ok((ip, len));
+        }
+        tracing::info!(
+            node,
+            "waiting for the server to assign this node a pod CIDR"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Registers the node, starts the runtime, pod manager, dataplane and
+/// kubelet endpoint, then keeps the node's status and Lease fresh; returns
+/// only on a fatal error.
 pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        AgentError::Setup(format!(
+            "creating the agent directory {}: {e}",
+            cfg.data_dir.display()
+        ))
+    })?;
+    let rt = make_runtime(&cfg).await?;
+    let runtime_version = rt
+        .version()
+        .await
+        .unwrap_or_else(|e| format!("{}://unavailable ({e})", rt.name()));
+    let mut health = Health {
+        runtime: rt.clone(),
+        runtime_version,
+        dataplane_error: None,
+    };
     // The server may not be up yet (or may still be loading): retry.
     let mut delay = Duration::from_millis(200);
     loop {
-        match node::register(&client, &cfg).await {
+        match node::register(&client, &cfg, &health.node_health().await).await {
             Ok(()) => break,
             // A refused token does not get better by retrying.
             Err(AgentError::Api(e)) if e.code() == Some(401) => {
@@ -62,6 +187,8 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         }
     }
     tracing::info!(node = %cfg.node_name, "node registered");
+    let (cidr_ip, cidr_len) = pod_cidr(&client, &cfg.node_name).await?;
+    let mut lb: Option<network::SharedLb> = None;
     if let Some(root) = &cfg.bpf_root {
         let settings = skep_dataplane::lb::LbSettings {
             pin_root: root.clone(),
@@ -70,30 +197,77 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         match skep_dataplane::lb::KernelDatapath::open(settings)
             .and_then(skep_dataplane::lb::LoadBalancer::new)
         {
-            Ok(lb) => {
+            Ok(l) => {
                 tracing::info!(pins = %root.display(), "service load balancer ready");
-                tokio::spawn(services::run(client.clone(), lb, cfg.node_name.clone()));
+                let shared = Arc::new(std::sync::Mutex::new(l));
+                tokio::spawn(services::run(
+                    client.clone(),
+                    shared.clone(),
+                    cfg.node_name.clone(),
+                ));
+                lb = Some(shared);
             }
             Err(e) => {
-                tracing::error!(error = %e, "the service load balancer could not start; services will not be programmed on this node")
+                tracing::error!(error = %e, "the service load balancer could not start; services will not be programmed on this node");
+                health.dataplane_error = Some(format!("the eBPF dataplane could not start: {e}"));
             }
         }
     }
+    let ipam = ipam::Ipam::open(cfg.data_dir.join("ipam.json"), cidr_ip, cidr_len)
+        .map_err(|e| AgentError::Setup(e.to_string()))?;
+    let net = Arc::new(network::NodeNetwork::new(ipam, lb, 1500));
+    let node_ip: std::net::IpAddr = cfg.node_ip.parse().map_err(|_| {
+        AgentError::Setup(format!("--node-ip {:?} is not an IP address", cfg.node_ip))
+    })?;
+    let manager = pods::PodManager::spawn(
+        client.clone(),
+        rt.clone(),
+        net,
+        pods::PodManagerConfig {
+            node_name: cfg.node_name.clone(),
+            node_ip,
+            data_dir: cfg.data_dir.clone(),
+            dns: pods::dnsconf::ClusterDns {
+                server: cfg.cluster_dns,
+                domain: cfg.cluster_domain.clone(),
+            },
+            node: node::facts(),
+            cluster_ca_pem: cfg.ca_pem.clone(),
+        },
+    );
+    let listen = std::net::SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        cfg.kubelet_port,
+    );
+    let _kubelet = server::serve(
+        listen,
+        cfg.ca_pem.as_bytes(),
+        &cfg.data_dir,
+        manager.streams(),
+    )
+    .await
+    .map_err(|e| AgentError::Setup(format!("serving the kubelet endpoint on {listen}: {e}")))?;
+    tokio::spawn(routes::run(client.clone(), cfg.node_name.clone()));
     if let Err(e) = renew_lease(&client, &cfg).await {
         tracing::warn!(node = %cfg.node_name, error = %e, "creating the node lease failed; retrying with the heartbeat");
     }
     let mut ticker = tokio::time::interval(HEARTBEAT);
     loop {
         ticker.tick().await;
-        if let Err(e) = heartbeat(&client, &cfg).await {
+        let h = health.node_health().await;
+        if let Err(e) = heartbeat(&client, &cfg, &h).await {
             // A server restart or a network blip: keep trying.
             tracing::warn!(node = %cfg.node_name, error = %e, "heartbeat failed");
         }
     }
 }
 
-async fn heartbeat(client: &Client, cfg: &AgentConfig) -> Result<(), AgentError> {
-    let status = node::status(cfg);
+async fn heartbeat(
+    client: &Client,
+    cfg: &AgentConfig,
+    health: &node::NodeHealth,
+) -> Result<(), AgentError> {
+    let status = node::status(cfg, health);
     match client
         .merge_patch(
             &format!("/api/v1/nodes/{}/status", cfg.node_name),
@@ -103,7 +277,7 @@ async fn heartbeat(client: &Client, cfg: &AgentConfig) -> Result<(), AgentError>
     {
         Ok(_) => {}
         // Deleted by someone: register again.
-        Err(e) if e.is_not_found() => node::register(client, cfg).await?,
+        Err(e) if e.is_not_found() => node::register(client, cfg, health).await?,
         Err(e) => return Err(e.into()),
     }
     renew_lease(client, cfg).await

@@ -28,15 +28,26 @@ fn uname_release() -> String {
     read("/proc/sys/kernel/osrelease").trim().to_owned()
 }
 
-/// Why the node is not Ready (None once it can run pods).
-fn not_ready_reason() -> Option<&'static str> {
-    Some(
-        "no container runtime yet: this agent registers and heartbeats, the process runtime that runs pods lands with the [node] issue",
-    )
+/// What the agent knows about its own health at a heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct NodeHealth {
+    /// Why the node cannot run pods now (None: Ready).
+    pub not_ready: Option<String>,
+    /// `skep-process://0.1.0`, `docker://28.2.2`.
+    pub runtime_version: String,
+}
+
+/// CPU and memory of this machine, for the downward API's defaults.
+pub fn facts() -> crate::pods::env::NodeFacts {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    crate::pods::env::NodeFacts {
+        cpu_millis: cpus * 1000,
+        memory_bytes: memory_kib() * 1024,
+    }
 }
 
 /// The status the agent posts.
-pub fn status(cfg: &AgentConfig) -> Value {
+pub fn status(cfg: &AgentConfig, health: &NodeHealth) -> Value {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mem = format!("{}Ki", memory_kib());
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -44,7 +55,7 @@ pub fn status(cfg: &AgentConfig) -> Value {
         json!({"type": t, "status": s, "reason": reason, "message": message,
                "lastHeartbeatTime": now, "lastTransitionTime": now})
     };
-    let ready = match not_ready_reason() {
+    let ready = match health.not_ready.as_deref() {
         None => condition(
             "Ready",
             "True",
@@ -60,16 +71,15 @@ pub fn status(cfg: &AgentConfig) -> Value {
             {"type": "InternalIP", "address": cfg.node_ip},
             {"type": "Hostname", "address": cfg.node_name},
         ],
-        // No kubelet endpoint is served yet (logs/exec come with the
-        // runtime), so none is advertised.
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        // Where the apiserver reaches this node's logs/exec/port-forward.
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.kubelet_port}},
         "nodeInfo": {
             "machineID": read("/etc/machine-id").trim(),
             "systemUUID": read("/sys/class/dmi/id/product_uuid").trim(),
             "bootID": read("/proc/sys/kernel/random/boot_id").trim(),
             "kernelVersion": uname_release(),
             "osImage": os_image(),
-            "containerRuntimeVersion": "skep-process://none",
+            "containerRuntimeVersion": health.runtime_version,
             "kubeletVersion": "v1.31.0-skep",
             "kubeProxyVersion": "v1.31.0-skep",
             "operatingSystem": "linux",
@@ -86,7 +96,11 @@ pub fn status(cfg: &AgentConfig) -> Value {
 
 /// Creates the Node if it does not exist (the server assigns its pod CIDR)
 /// and posts its first status.
-pub async fn register(client: &Client, cfg: &AgentConfig) -> Result<(), AgentError> {
+pub async fn register(
+    client: &Client,
+    cfg: &AgentConfig,
+    health: &NodeHealth,
+) -> Result<(), AgentError> {
     let path = format!("/api/v1/nodes/{}", cfg.node_name);
     match client.get(&path).await {
         Ok(_) => {}
@@ -109,7 +123,10 @@ pub async fn register(client: &Client, cfg: &AgentConfig) -> Result<(), AgentErr
         Err(e) => return Err(e.into()),
     }
     client
-        .merge_patch(&format!("{path}/status"), &json!({"status": status(cfg)}))
+        .merge_patch(
+            &format!("{path}/status"),
+            &json!({"status": status(cfg, health)}),
+        )
         .await?;
     Ok(())
 }

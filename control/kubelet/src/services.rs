@@ -6,9 +6,7 @@
 use futures::StreamExt;
 use serde_json::Value;
 use skep_client::{Client, WatchStream};
-use skep_dataplane::lb::{
-    Endpoint, EndpointState, KernelDatapath, LoadBalancer, Protocol, Service, ServicePort,
-};
+use skep_dataplane::lb::{Endpoint, EndpointState, Protocol, Service, ServicePort};
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 /// Default ClientIP affinity timeout (Kubernetes': 3 hours).
@@ -250,20 +248,24 @@ const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 
 /// Keeps `lb` programmed from the API until the client fails for good;
 /// every failure restarts from a full list.
-pub async fn run(client: Client, mut lb: LoadBalancer<KernelDatapath>, node: String) {
+pub async fn run(client: Client, lb: crate::network::SharedLb, node: String) {
     loop {
-        if let Err(e) = sync(&client, &mut lb, &node).await {
+        if let Err(e) = sync(&client, &lb, &node).await {
             tracing::warn!(error = %e, "service sync failed; relisting");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 }
 
-async fn sync(
-    client: &Client,
-    lb: &mut LoadBalancer<KernelDatapath>,
-    node: &str,
-) -> Result<(), String> {
+/// Programs the dataplane (the lock is held only for the map updates).
+fn resync(lb: &crate::network::SharedLb, services: Vec<Service>) -> Result<(), String> {
+    let mut lb = lb
+        .lock()
+        .map_err(|_| "the load balancer lock is poisoned".to_string())?;
+    lb.resync(services).map_err(|e| e.to_string())
+}
+
+async fn sync(client: &Client, lb: &crate::network::SharedLb, node: &str) -> Result<(), String> {
     let mut cache = Cache::default();
     let svc_rv = list(client, SERVICES, &mut cache.services)
         .await
@@ -271,7 +273,7 @@ async fn sync(
     let slice_rv = list(client, SLICES, &mut cache.slices)
         .await
         .map_err(|e| e.to_string())?;
-    lb.resync(cache.desired(node)).map_err(|e| e.to_string())?;
+    resync(lb, cache.desired(node))?;
     tracing::info!(services = cache.services.len(), "services programmed");
     let mut services: WatchStream = client
         .watch(&format!(
@@ -317,7 +319,7 @@ async fn sync(
             };
             Cache::apply(map, &event.kind, event.object);
         }
-        lb.resync(cache.desired(node)).map_err(|e| e.to_string())?;
+        resync(lb, cache.desired(node))?;
     }
 }
 

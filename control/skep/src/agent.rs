@@ -21,15 +21,102 @@ pub struct AgentArgs {
     /// Node name (default: the host name).
     #[arg(long, env = "SKEP_NODE_NAME")]
     node_name: Option<String>,
-    /// This node's address as other nodes reach it.
-    #[arg(long, env = "SKEP_NODE_IP", default_value = "127.0.0.1")]
-    node_ip: String,
+    /// This node's address as other nodes reach it (default: the address
+    /// of the interface with the default route).
+    #[arg(long, env = "SKEP_NODE_IP")]
+    node_ip: Option<String>,
     /// bpffs directory for the dataplane's pinned maps and programs.
     #[arg(long, env = "SKEP_BPF_ROOT", default_value = "/sys/fs/bpf/skep")]
     bpf_root: PathBuf,
     /// Run the node without the eBPF dataplane.
     #[arg(long)]
     no_dataplane: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// What a node (a remote agent, or the server's own) is configured with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// The container runtime: the built-in process runtime (no daemon) or
+    /// Docker.
+    #[arg(long, value_enum, env = "SKEP_RUNTIME", default_value = "process")]
+    pub runtime: RuntimeArg,
+    /// Docker's API socket (with --runtime docker).
+    #[arg(
+        long,
+        env = "SKEP_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub docker_socket: PathBuf,
+    /// Port of the kubelet endpoint the apiserver calls for logs, exec and
+    /// port-forward.
+    #[arg(long, env = "SKEP_KUBELET_PORT", default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// The cluster DNS address pods get in resolv.conf.
+    #[arg(long, env = "SKEP_CLUSTER_DNS", default_value = "10.43.0.10")]
+    pub cluster_dns: std::net::IpAddr,
+    /// The cluster domain.
+    #[arg(long, env = "SKEP_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeArg {
+    Process,
+    Docker,
+}
+
+impl NodeArgs {
+    /// The kubelet's configuration for a node of this binary.
+    pub fn config(
+        &self,
+        node_name: String,
+        node_ip: String,
+        data_dir: PathBuf,
+        bpf_root: Option<PathBuf>,
+        ca_pem: String,
+        labels: Vec<(String, String)>,
+    ) -> skep_kubelet::AgentConfig {
+        skep_kubelet::AgentConfig {
+            node_name,
+            node_ip,
+            labels,
+            bpf_root,
+            data_dir,
+            runtime: match self.runtime {
+                RuntimeArg::Process => skep_kubelet::RuntimeKind::Process,
+                RuntimeArg::Docker => skep_kubelet::RuntimeKind::Docker,
+            },
+            kubelet_port: self.kubelet_port,
+            cluster_dns: self.cluster_dns,
+            cluster_domain: self.cluster_domain.clone(),
+            ca_pem,
+            shim_exe: None,
+            docker_socket: Some(self.docker_socket.clone()),
+        }
+    }
+}
+
+/// This machine's address as other machines see it: the address of the
+/// interface that holds the default route, else the first global IPv4.
+pub fn detect_node_ip() -> Option<String> {
+    let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let default_iface = route.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&"00000000")).then(|| f[0].to_owned())
+    });
+    let addrs: Vec<(String, std::net::Ipv4Addr)> = nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter_map(|a| {
+            let ip = a.address?.as_sockaddr_in()?.ip();
+            (!ip.is_loopback() && !ip.is_link_local()).then_some((a.interface_name, ip))
+        })
+        .collect();
+    default_iface
+        .and_then(|i| addrs.iter().find(|(n, _)| *n == i))
+        .or_else(|| addrs.first())
+        .map(|(_, ip)| ip.to_string())
 }
 
 /// The node name to use: given, else the host name.
@@ -57,12 +144,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         &ca,
         skep_client::Auth::Token(args.token.clone()),
     )?;
-    let cfg = skep_kubelet::AgentConfig {
-        node_name: node_name(args.node_name.clone()),
-        node_ip: args.node_ip.clone(),
-        labels: Vec::new(),
-        bpf_root: (!args.no_dataplane).then(|| args.bpf_root.clone()),
+    let node_ip = match args.node_ip.clone().or_else(detect_node_ip) {
+        Some(ip) => ip,
+        None => anyhow::bail!("could not find this machine's address; pass --node-ip"),
     };
+    let cfg = args.node.config(
+        node_name(args.node_name.clone()),
+        node_ip,
+        args.data_dir.clone(),
+        (!args.no_dataplane).then(|| args.bpf_root.clone()),
+        String::from_utf8_lossy(&ca).into_owned(),
+        Vec::new(),
+    );
     skep_kubelet::run(client, cfg).await?;
     Ok(())
 }

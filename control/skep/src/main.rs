@@ -2,6 +2,7 @@
 
 mod agent;
 mod ctl;
+mod kube_dns;
 mod server;
 mod tools;
 
@@ -47,6 +48,14 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // The process runtime's hidden helpers (`__shim DIR`, `__exec --pid …`)
+    // fork, so they run single-threaded: before any runtime or logging.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("__shim") => std::process::exit(skep_kubelet::runtime::process::shim_main(&args[2..])),
+        Some("__exec") => std::process::exit(skep_kubelet::runtime::process::exec_main(&args[2..])),
+        _ => {}
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log)?)

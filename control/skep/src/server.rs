@@ -52,13 +52,13 @@ pub struct ServerArgs {
     #[arg(long = "tls-san", value_delimiter = ',')]
     tls_sans: Vec<String>,
     /// Serve the cluster DNS (UDP and TCP) on this address, e.g.
-    /// 127.0.0.1:5353. The kube-dns Service address (10.43.0.10:53) comes
-    /// with the node agent.
+    /// 127.0.0.1:5353. With a node agent it defaults to 0.0.0.0:10053, and
+    /// the `kube-dns` Service (10.43.0.10:53) points at this node's address
+    /// and that port.
     #[arg(long, env = "SKEP_DNS_LISTEN")]
     dns_listen: Option<SocketAddr>,
-    /// The cluster domain served by the DNS.
-    #[arg(long, env = "SKEP_CLUSTER_DOMAIN", default_value = "cluster.local")]
-    cluster_domain: String,
+    #[command(flatten)]
+    node: crate::agent::NodeArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -88,10 +88,13 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         }
     };
     let _compactor = Compactor::spawn(store.clone(), args.compaction_interval);
-    let _dns = match args.dns_listen {
+    let dns_listen = args
+        .dns_listen
+        .or_else(|| (!args.no_agent).then(|| SocketAddr::from(([0, 0, 0, 0], 10053))));
+    let _dns = match dns_listen {
         Some(listen) => {
             let mut config = skep_dns::DnsConfig::new(listen);
-            config.zone = args.cluster_domain.clone();
+            config.zone = args.node.cluster_domain.clone();
             Some(skep_dns::start(config, store.clone()).await?)
         }
         None => None,
@@ -131,15 +134,31 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             handle.credentials.ca_cert_pem.as_bytes(),
             skep_client::Auth::Token(handle.credentials.node_token.clone()),
         )?;
-        let cfg = skep_kubelet::AgentConfig {
-            node_name: crate::agent::node_name(args.node_name.clone()),
-            node_ip: args.node_ip.clone().unwrap_or(host),
-            labels: vec![(
+        let node_ip = match args
+            .node_ip
+            .clone()
+            .or_else(|| (!handle.local_addr.ip().is_unspecified()).then(|| host.clone()))
+            .or_else(crate::agent::detect_node_ip)
+        {
+            Some(ip) => ip,
+            None => anyhow::bail!("could not find this machine's address; pass --node-ip"),
+        };
+        if let Some(listen) = dns_listen {
+            crate::kube_dns::ensure(&handle.api, &node_ip, listen.port(), args.node.cluster_dns)
+                .await
+                .context("creating the kube-dns Service")?;
+        }
+        let cfg = args.node.config(
+            crate::agent::node_name(args.node_name.clone()),
+            node_ip,
+            args.data_dir.join("agent"),
+            (!args.no_dataplane).then(|| args.bpf_root.clone()),
+            handle.credentials.ca_cert_pem.clone(),
+            vec![(
                 "node-role.kubernetes.io/control-plane".into(),
                 "true".into(),
             )],
-            bpf_root: (!args.no_dataplane).then(|| args.bpf_root.clone()),
-        };
+        );
         Some(tokio::spawn(async move {
             if let Err(e) = skep_kubelet::run(client, cfg).await {
                 tracing::error!(error = %e, "node agent stopped");

@@ -1,0 +1,216 @@
+//! `/portForward/{ns}/{pod}`: protocol `portforward.k8s.io` over SPDY/3.1,
+//! either directly (kubectl ≤ 1.30) or tunnelled through a WebSocket whose
+//! binary messages carry the SPDY byte stream (subprotocol
+//! `SPDY/3.1+portforward.k8s.io`, kubectl ≥ 1.31). For every forwarded
+//! connection the client opens an `error` and a `data` stream with the
+//! same `requestid` and the `port` header; we splice the data stream with
+//! a TCP connection to that port inside the pod.
+
+use super::{
+    Body, Upgrade,
+    exec::{negotiate, switching},
+    header_list,
+    spdy::{Event, MAX_DATA, Out, SpdyConn},
+    text, upgrade_of,
+    websocket::tunnel,
+};
+use crate::streams::PodStreams;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::{collections::HashMap, sync::Arc};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+
+const PROTOCOL: &str = "portforward.k8s.io";
+const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+
+pub(super) async fn handle(
+    mut req: Request<Incoming>,
+    namespace: String,
+    pod: String,
+    streams: Arc<dyn PodStreams>,
+) -> Response<Body> {
+    let Some(upgrade) = upgrade_of(&req) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "port-forward needs an upgrade to SPDY/3.1 or websocket",
+        );
+    };
+    let (offered, ours) = match upgrade {
+        Upgrade::Spdy => (header_list(&req, "x-stream-protocol-version"), PROTOCOL),
+        Upgrade::WebSocket => (header_list(&req, "sec-websocket-protocol"), TUNNEL_PROTOCOL),
+    };
+    let Some(protocol) = negotiate(&offered, &[ours]) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unable to upgrade: port-forward supports {ours:?}, the client offered {offered:?}"
+            ),
+        );
+    };
+    let resp = switching(&req, upgrade, &protocol);
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return resp;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let io = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "port-forward: the upgrade failed");
+                return;
+            }
+        };
+        let conn = match upgrade {
+            Upgrade::Spdy => SpdyConn::spawn(io),
+            Upgrade::WebSocket => SpdyConn::spawn(tunnel(io)),
+        };
+        match conn {
+            Ok(conn) => run(conn, namespace, pod, streams).await,
+            Err(e) => tracing::warn!(error = %e, "port-forward: SPDY setup failed"),
+        }
+    });
+    resp
+}
+
+#[derive(Debug, Default)]
+struct Pair {
+    port: Option<u16>,
+    error: Option<u32>,
+    data: Option<u32>,
+}
+
+async fn run(mut conn: SpdyConn, namespace: String, pod: String, streams: Arc<dyn PodStreams>) {
+    let mut pairs: HashMap<String, Pair> = HashMap::new();
+    // Data stream id → the pair's TCP writer (dropped = client closed).
+    let mut to_pod: HashMap<u32, mpsc::Sender<Bytes>> = HashMap::new();
+    while let Some(ev) = conn.events.recv().await {
+        match ev {
+            Event::Stream { id, headers } => {
+                let get = |name: &str| {
+                    headers
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| v.clone())
+                };
+                let kind = get("streamtype").unwrap_or_default();
+                // Without a request id (old clients) the data stream
+                // follows its error stream.
+                let request = get("requestid").unwrap_or_else(|| match kind.as_str() {
+                    "data" => id.saturating_sub(2).to_string(),
+                    _ => id.to_string(),
+                });
+                let port = get("port").and_then(|p| p.parse::<u16>().ok());
+                let pair = pairs.entry(request.clone()).or_default();
+                match kind.as_str() {
+                    "error" => pair.error = Some(id),
+                    "data" => pair.data = Some(id),
+                    _ => {
+                        let _ = conn.out.send(Out::Reset(id)).await;
+                        continue;
+                    }
+                }
+                if pair.port.is_none() {
+                    pair.port = port;
+                }
+                if let Pair {
+                    port,
+                    error: Some(error),
+                    data: Some(data),
+                } = *pair
+                {
+                    pairs.remove(&request);
+                    let (tx, rx) = mpsc::channel(32);
+                    to_pod.insert(data, tx);
+                    tokio::spawn(forward(
+                        port,
+                        error,
+                        data,
+                        rx,
+                        conn.out.clone(),
+                        streams.clone(),
+                        namespace.clone(),
+                        pod.clone(),
+                    ));
+                }
+            }
+            Event::Data { id, data } => {
+                if let Some(tx) = to_pod.get(&id)
+                    && tx.send(data).await.is_err()
+                {
+                    to_pod.remove(&id);
+                }
+            }
+            Event::Fin { id } | Event::Reset { id } => {
+                to_pod.remove(&id);
+            }
+        }
+    }
+    conn.close().await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    port: Option<u16>,
+    error: u32,
+    data: u32,
+    mut from_client: mpsc::Receiver<Bytes>,
+    out: mpsc::Sender<Out>,
+    streams: Arc<dyn PodStreams>,
+    namespace: String,
+    pod: String,
+) {
+    let fail = |msg: String| {
+        let out = out.clone();
+        async move {
+            let _ = out.send(Out::Data(error, Bytes::from(msg))).await;
+            let _ = out.send(Out::Fin(error)).await;
+            let _ = out.send(Out::Fin(data)).await;
+        }
+    };
+    let Some(port) = port else {
+        fail("the port-forward request has no valid port header".into()).await;
+        return;
+    };
+    let tcp = match streams.port_forward(&namespace, &pod, port).await {
+        Ok(t) => t,
+        Err(e) => {
+            fail(format!(
+                "error forwarding port {port} to pod {namespace}/{pod}: {e}"
+            ))
+            .await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let (mut rd, mut wr) = tcp.into_split();
+    tokio::spawn(async move {
+        while let Some(b) = from_client.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let mut buf = vec![0u8; MAX_DATA];
+    loop {
+        match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if out
+                    .send(Out::Data(data, Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = out.send(Out::Fin(data)).await;
+    let _ = out.send(Out::Fin(error)).await;
+}
