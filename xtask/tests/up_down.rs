@@ -77,6 +77,11 @@ fn up_then_down_leaves_nothing_and_up_works_again() {
             stdout.contains("deployment.apps/echo created"),
             "the demo was applied:\n{stdout}"
         );
+        // Its pods run, and the client reached the Service by DNS name.
+        assert!(
+            stdout.contains("OK Http echo.demo.svc.cluster.local:80 answered by echo-"),
+            "the client pod reached the echo Service by name:\n{stdout}"
+        );
         // Plain kubectl from the host (this test runs in the root netns).
         let get = Command::new("kubectl")
             .args([

@@ -122,9 +122,16 @@ async fn make_runtime(cfg: &AgentConfig) -> Result<Arc<dyn runtime::Runtime>, Ag
                 .map_err(|e| AgentError::Setup(e.to_string()))?;
             Ok(Arc::new(rt))
         }
-        RuntimeKind::Docker => Err(AgentError::Setup(
-            "the docker runtime is not available in this build yet; use --runtime process".into(),
-        )),
+        RuntimeKind::Docker => {
+            let socket = cfg
+                .docker_socket
+                .clone()
+                .unwrap_or_else(|| "/var/run/docker.sock".into());
+            let rt = runtime::docker::DockerRuntime::connect(&socket)
+                .await
+                .map_err(|e| AgentError::Setup(e.to_string()))?;
+            Ok(Arc::new(rt))
+        }
     }
 }
 

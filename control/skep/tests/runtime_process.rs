@@ -331,6 +331,11 @@ async fn missing_image_is_an_image_error() {
         "{err}"
     );
     assert!(env.rt.ensure_image("/no/such/image.tar").await.is_err());
+    assert!(env.rt.image_config("/no/such/image.tar").await.is_err());
+    let host = env.rt.image_config("host").await.unwrap();
+    assert!(host.entrypoint.is_empty() && host.cmd.is_empty());
+    assert_eq!(host.env.len(), 1);
+    assert_eq!(host.env[0].0, "PATH");
     assert!(
         env.rt
             .ensure_image("host")
@@ -457,6 +462,34 @@ async fn env_working_dir_and_mounts() {
         "hello\n"
     );
     assert!(!ro.join("x").exists());
+
+    // What the pod manager mounts in every pod: files over existing ones
+    // in the read-only /etc, the token below the /var/run -> /run symlink.
+    let pod_dir = env.tmp.path().join("pod");
+    let token_dir = pod_dir.join("token");
+    std::fs::create_dir_all(&token_dir).unwrap();
+    std::fs::write(token_dir.join("token"), "secret-token").unwrap();
+    std::fs::write(pod_dir.join("hosts"), "10.42.0.9 test-pod\n").unwrap();
+    let mut spec = env.spec(&[
+        "sh",
+        "-c",
+        "cat /var/run/secrets/kubernetes.io/serviceaccount/token; echo; cat /etc/hosts",
+    ]);
+    spec.mounts = vec![
+        Mount {
+            host_path: token_dir,
+            container_path: "/var/run/secrets/kubernetes.io/serviceaccount".into(),
+            read_only: true,
+        },
+        Mount {
+            host_path: pod_dir.join("hosts"),
+            container_path: "/etc/hosts".into(),
+            read_only: false,
+        },
+    ];
+    let (code, reason, out) = env.run(&spec).await;
+    assert_eq!((code, reason.as_str()), (0, "Completed"), "{out}");
+    assert_eq!(out, "secret-token\n10.42.0.9 test-pod\n");
 
     // A mount point that cannot be created in the read-only host image.
     let mut spec = env.spec(&["true"]);
@@ -611,7 +644,7 @@ async fn tarball_and_directory_images() {
     let image = tarball.to_str().unwrap().to_owned();
     let id = env.rt.ensure_image(&image).await.unwrap();
     assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
-    let config = env.rt.image_config(&image).unwrap();
+    let config = env.rt.image_config(&image).await.unwrap();
     assert_eq!(config.cmd, vec!["sh", "-c", "echo default-cmd"]);
     assert_eq!(config.working_dir.as_deref(), Some("/tmp"));
 
@@ -812,7 +845,7 @@ async fn oci_layout_with_gzip_layers_and_whiteouts() {
 
     let image = tarball.to_str().unwrap().to_owned();
     let id = env.rt.ensure_image(&image).await.unwrap();
-    let config = env.rt.image_config(&image).unwrap();
+    let config = env.rt.image_config(&image).await.unwrap();
     assert_eq!(config.entrypoint, vec!["/bin/sh", "-c"]);
     assert_eq!(config.env, vec![("PATH".to_string(), "/bin".to_string())]);
     let rootfs = env
@@ -906,4 +939,104 @@ async fn host_network_and_executables_from_mounts() {
         (code, reason.as_str(), out.as_str()),
         (0, "Completed", "from-volume\n")
     );
+}
+
+#[tokio::test]
+async fn stdin_once_ends_input_when_the_attach_closes() {
+    let env = Env::new();
+    let mut spec = env.spec(&["sh", "-c", "echo ready; cat; echo stdin-closed"]);
+    spec.stdin = true;
+    spec.stdin_once = true;
+    let id = env.rt.start(&spec).await.unwrap();
+    env.wait_log(&spec, "ready").await;
+    let mut s = env.rt.attach(&id, true).await.unwrap();
+    let mut stdin = s.stdin.take().unwrap();
+    stdin.write_all(b"line one\nline two\n").await.unwrap();
+    drop(stdin);
+    let (out, err) = tokio::join!(read_all(s.stdout.take()), read_all(s.stderr.take()));
+    assert_eq!(out, "line one\nline two\nstdin-closed\n");
+    assert_eq!(err, "");
+    assert_eq!(s.exit.await.unwrap(), 0);
+
+    // Without stdinOnce a closed attach leaves stdin open for the next.
+    let mut spec = env.spec(&["sh", "-c", "echo ready; read a; read b; echo $a-$b"]);
+    spec.stdin = true;
+    let id = env.rt.start(&spec).await.unwrap();
+    env.wait_log(&spec, "ready").await;
+    for word in ["first", "second"] {
+        let mut s = env.rt.attach(&id, true).await.unwrap();
+        let mut stdin = s.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{word}\n").as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (code, _, _) = env.wait_exit(&id, Duration::from_secs(10)).await;
+    assert_eq!(code, 0);
+    assert!(stdout_text(&spec.log_path).contains("first-second\n"));
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn shim_stays_idle_after_attaches() {
+    let env = Env::new();
+    for tty in [false, true] {
+        let mut spec = env.spec(&["sleep", "1000"]);
+        spec.stdin = true;
+        spec.tty = tty;
+        let id = env.rt.start(&spec).await.unwrap();
+        let mut s = env.rt.attach(&id, true).await.unwrap();
+        if let Some(resize) = s.resize.take() {
+            resize.send((80, 25)).await.unwrap();
+        }
+        s.stdin.take().unwrap().write_all(b"x\n").await.unwrap();
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(env.cfg.state_dir.join(&id).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        let shim = state["shim_pid"].as_i64().unwrap();
+        let before = cpu_ticks(shim);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let used = cpu_ticks(shim) - before;
+        assert!(
+            used <= 10,
+            "tty={tty}: the shim used {used} ticks while idle"
+        );
+        env.rt.stop(&id, Duration::ZERO).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn runs_as_the_given_user_and_groups() {
+    let env = Env::new();
+    let mut spec = env.spec(&[
+        "sh",
+        "-c",
+        "echo u=$(id -u) g=$(id -g) G=$(id -G); exec sleep 1000",
+    ]);
+    spec.run_as_user = Some(65534);
+    spec.run_as_group = Some(65533);
+    spec.supplemental_groups = vec![1234];
+    let id = env.rt.start(&spec).await.unwrap();
+    env.wait_log(&spec, "u=").await;
+    let out = stdout_text(&spec.log_path);
+    assert!(out.contains("u=65534 g=65533 G=65533 1234\n"), "{out}");
+    // exec runs with the container's credentials.
+    let cmd: Vec<String> = ["id", "-u"].iter().map(|s| s.to_string()).collect();
+    let s = env.rt.exec(&id, &cmd, false, false).await.unwrap();
+    assert_eq!(read_all(s.stdout).await, "65534\n");
+    assert_eq!(s.exit.await.unwrap(), 0);
+    env.rt.stop(&id, Duration::ZERO).await.unwrap();
 }

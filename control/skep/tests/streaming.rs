@@ -147,9 +147,7 @@ impl PodStreams for HostPod {
     ) -> Result<ExecSession, StreamError> {
         self.check(c)?;
         if tty {
-            return Err(StreamError::BadRequest(
-                "this test pod has no terminals".into(),
-            ));
+            return spawn_tty(cmd, &self.dir);
         }
         self.spawn(cmd, stdin)
     }
@@ -178,6 +176,86 @@ impl PodStreams for HostPod {
             .await
             .map_err(|e| StreamError::Internal(format!("connecting to port {port}: {e}")))
     }
+}
+
+/// Runs `cmd` on a new pseudo-terminal (its controlling terminal), as a
+/// runtime does for `tty: true`; resizes go to the terminal.
+fn spawn_tty(cmd: &[String], dir: &Path) -> Result<ExecSession, StreamError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (mut m, mut sl) = (-1, -1);
+    // SAFETY: openpty writes two descriptors; the other pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut sl,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(StreamError::Internal(format!(
+            "openpty: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: both descriptors are new and owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
+    let mut command = std::process::Command::new(&cmd[0]);
+    command
+        .args(&cmd[1..])
+        .current_dir(dir)
+        .env("TERM", "xterm")
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| StreamError::Internal(format!("starting {cmd:?}: {e}")))?;
+    drop(slave);
+    // The resizer keeps its own descriptor of the terminal.
+    let resize_fd = master.try_clone().unwrap();
+    let reader = std::fs::File::from(master.try_clone().unwrap());
+    let writer = std::fs::File::from(master);
+    let (tx, exit) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let code = match child.wait().await {
+            Ok(s) => s.code().unwrap_or(128),
+            Err(_) => 128,
+        };
+        let _ = tx.send(code);
+    });
+    let (resize, mut sizes) = tokio::sync::mpsc::channel::<(u16, u16)>(4);
+    tokio::spawn(async move {
+        while let Some((cols, rows)) = sizes.recv().await {
+            let ws = libc::winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
+            unsafe { libc::ioctl(resize_fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        }
+    });
+    Ok(ExecSession {
+        stdin: Some(Box::new(tokio::fs::File::from_std(writer))),
+        stdout: Some(Box::new(tokio::fs::File::from_std(reader))),
+        stderr: None,
+        resize: Some(resize),
+        exit,
+    })
 }
 
 /// A TCP echo server on 127.0.0.1 (the pod's "remote port").
@@ -537,21 +615,16 @@ fn follow(f: &Fixture, v: &str) {
 
 fn exec(f: &Fixture, v: &str) {
     let s = &f.server;
-    let dbg = kubectl(s, v, &["-v=9", "exec", POD, "--", "true"], None);
-    eprintln!("DEBUG {v}: {}", String::from_utf8_lossy(&dbg.stderr));
-    let dbg = kubectl(
-        s,
-        v,
-        &[
-            "-v=9",
-            "port-forward",
-            POD,
-            "0:1",
-            "--pod-running-timeout=1s",
-        ],
-        None,
-    );
-    eprintln!("DEBUGPF {v}: {}", String::from_utf8_lossy(&dbg.stderr));
+    if v != "1.27" {
+        // Newer kubectl speaks WebSocket v5 (it would fall back to SPDY
+        // if the upgrade were refused: make sure it was not).
+        let out = kubectl(s, v, &["-v=4", "exec", POD, "--", "true"], None);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && log.contains("The subprotocol is v5.channel.k8s.io"),
+            "{log}"
+        );
+    }
     let out = kubectl(
         s,
         v,
@@ -928,4 +1001,109 @@ fn kubelet_refuses_other_callers_and_errors_are_clear() {
         err.contains("forbidden") || err.contains("Forbidden"),
         "{err}"
     );
+}
+
+/// The Python `kubernetes` client's `stream()` exec (WebSocket
+/// `v4.channel.k8s.io`): output, stdin and the exit code; and its
+/// `portforward()`.
+const PYTHON_EXEC: &str = r#"
+import sys
+from kubernetes import client, config
+from kubernetes.stream import stream
+config.load_kube_config(sys.argv[1])
+api = client.CoreV1Api()
+out = stream(api.connect_get_namespaced_pod_exec, "web", "default", container="app",
+             command=["sh", "-c", "echo py-out; echo py-err >&2"],
+             stderr=True, stdin=False, stdout=True, tty=False)
+print("OUT:" + repr(out))
+resp = stream(api.connect_get_namespaced_pod_exec, "web", "default", container="app",
+              command=["sh", "-c", "read x; echo got:$x; exit 4"],
+              stderr=True, stdin=True, stdout=True, tty=False, _preload_content=False)
+resp.write_stdin("hi\n")
+resp.run_forever(timeout=20)
+print("STDOUT:" + repr(resp.read_stdout()))
+print("CODE:" + str(resp.returncode))
+resp.close()
+from kubernetes.stream import portforward
+port = int(sys.argv[2])
+pf = portforward(api.connect_get_namespaced_pod_portforward, "web", "default", ports=str(port))
+sock = pf.socket(port)
+sock.setblocking(True)
+sock.settimeout(20)
+sock.sendall(b"hello pf\n")
+data = b""
+while len(data) < 9:
+    chunk = sock.recv(1024)
+    if not chunk:
+        break
+    data += chunk
+print("PF:" + repr(data))
+sock.close()
+"#;
+
+#[test]
+fn python_client_exec_and_port_forward() {
+    let check = Command::new("python3")
+        .args(["-c", "import kubernetes"])
+        .output()
+        .expect("python3 is needed for this test");
+    assert!(
+        check.status.success(),
+        "the Python `kubernetes` package is missing: run `cargo xtask setup` (pip install kubernetes)"
+    );
+    let f = Fixture::new();
+    let out = Command::new("timeout")
+        .args(["60", "python3", "-c", PYTHON_EXEC])
+        .arg(f.server.kubeconfig())
+        .arg(echo_server().to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python stream() failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("py-out") && stdout.contains("py-err"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("STDOUT:'got:hi\\n'"), "{stdout}");
+    assert!(stdout.contains("CODE:4"), "{stdout}");
+    // portforward() (WebSocket v4.channel.k8s.io, ?ports=).
+    assert!(stdout.contains("PF:b'hello pf\\n'"), "{stdout}");
+}
+
+/// `kubectl exec -it` (run under `script` so kubectl has a terminal): the
+/// command gets a terminal of its own, with the client's size.
+fn exec_tty(f: &Fixture, v: &str) {
+    let kubectl = format!(
+        "stty cols 100 rows 30; {} --kubeconfig {} exec -it {POD} -c app -- sh -c 'tty; sleep 1; stty size'",
+        kubectl_bin(v).display(),
+        f.server.kubeconfig().display()
+    );
+    let out = Command::new("timeout")
+        .args(["60", "script", "-qec", &kubectl, "/dev/null"])
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl {v} exec -it: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("/dev/pts/"), "no terminal in the pod: {text}");
+    // kubectl sent its terminal's size (resize stream / channel 4).
+    assert!(
+        text.contains("30 100"),
+        "the terminal size did not arrive: {text}"
+    );
+}
+
+#[test]
+fn exec_with_a_terminal() {
+    let f = Fixture::new();
+    exec_tty(&f, "1.27");
+    exec_tty(&f, "1.33");
 }

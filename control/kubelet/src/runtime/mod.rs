@@ -8,8 +8,12 @@
 //! runtime is handed the pod's network namespace path and only has to put
 //! its containers in it.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+pub mod docker;
 pub mod process;
 
 /// Labels every container carries so a restarted agent can find and
@@ -211,4 +215,25 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<ExecSession, RuntimeError>;
     /// Attaches to a running container's stdio.
     async fn attach(&self, id: &str, stdin: bool) -> Result<ExecSession, RuntimeError>;
+    /// Prepares a pod's sandbox before its network is set up: runtimes
+    /// that cannot join a namespace by path (docker) make one that holds
+    /// the pod's network namespace and mount it at `netns_path`, which the
+    /// network setup then adopts. Idempotent (an agent restart keeps a
+    /// sandbox that still runs). `labels` carries the pod's
+    /// namespace/name; its container fields are ignored.
+    async fn create_sandbox(
+        &self,
+        pod_uid: &str,
+        labels: &ContainerLabels,
+        netns_path: &Path,
+    ) -> Result<(), RuntimeError> {
+        let _ = (pod_uid, labels, netns_path);
+        Ok(())
+    }
+    /// Removes what `create_sandbox` made (after the pod's network was torn
+    /// down). Idempotent.
+    async fn remove_sandbox(&self, pod_uid: &str) -> Result<(), RuntimeError> {
+        let _ = pod_uid;
+        Ok(())
+    }
 }

@@ -5,14 +5,19 @@
 //! connection the client opens an `error` and a `data` stream with the
 //! same `requestid` and the `port` header; we splice the data stream with
 //! a TCP connection to that port inside the pod.
+//!
+//! Other WebSocket clients (the Python client) use the channel protocol
+//! `v4.channel.k8s.io` with `?ports=a,b`: port i has data channel 2i and
+//! error channel 2i+1, each opened by a message holding the port number
+//! (little-endian u16); one TCP connection per port.
 
 use super::{
     Body, Upgrade,
     exec::{negotiate, switching},
-    header_list,
+    header_list, query_pairs,
     spdy::{Event, MAX_DATA, Out, SpdyConn},
     text, upgrade_of,
-    websocket::tunnel,
+    websocket::{Outgoing, WsConn, tunnel},
 };
 use crate::streams::PodStreams;
 use bytes::Bytes;
@@ -27,6 +32,7 @@ use tokio::{
 
 const PROTOCOL: &str = "portforward.k8s.io";
 const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+const CHANNEL_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "channel.k8s.io"];
 
 pub(super) async fn handle(
     mut req: Request<Incoming>,
@@ -40,17 +46,49 @@ pub(super) async fn handle(
             "port-forward needs an upgrade to SPDY/3.1 or websocket",
         );
     };
-    let (offered, ours) = match upgrade {
-        Upgrade::Spdy => (header_list(&req, "x-stream-protocol-version"), PROTOCOL),
-        Upgrade::WebSocket => (header_list(&req, "sec-websocket-protocol"), TUNNEL_PROTOCOL),
+    let (offered, ours): (_, &[&str]) = match upgrade {
+        Upgrade::Spdy => (header_list(&req, "x-stream-protocol-version"), &[PROTOCOL]),
+        Upgrade::WebSocket => {
+            let offered = header_list(&req, "sec-websocket-protocol");
+            if negotiate(&offered, &[TUNNEL_PROTOCOL]).is_some() {
+                (offered, &[TUNNEL_PROTOCOL])
+            } else {
+                (offered, CHANNEL_PROTOCOLS)
+            }
+        }
     };
-    let Some(protocol) = negotiate(&offered, &[ours]) else {
+    let Some(protocol) = negotiate(&offered, ours) else {
         return text(
             StatusCode::BAD_REQUEST,
             format!(
                 "unable to upgrade: port-forward supports {ours:?}, the client offered {offered:?}"
             ),
         );
+    };
+    let channel_ports = if upgrade == Upgrade::WebSocket && protocol != TUNNEL_PROTOCOL {
+        let mut ports = Vec::new();
+        for (k, v) in query_pairs(&req) {
+            if k != "port" && k != "ports" {
+                continue;
+            }
+            for p in v.split(',').filter(|p| !p.is_empty()) {
+                match p.trim().parse::<u16>() {
+                    Ok(port) if port > 0 => ports.push(port),
+                    _ => {
+                        return text(StatusCode::BAD_REQUEST, format!("invalid port {p:?}"));
+                    }
+                }
+            }
+        }
+        if ports.is_empty() {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "query parameter \"port\" is required",
+            );
+        }
+        Some(ports)
+    } else {
+        None
     };
     let resp = switching(&req, upgrade, &protocol);
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -65,6 +103,10 @@ pub(super) async fn handle(
                 return;
             }
         };
+        if let Some(ports) = channel_ports {
+            run_channels(WsConn::spawn(io), namespace, pod, ports, streams).await;
+            return;
+        }
         let conn = match upgrade {
             Upgrade::Spdy => SpdyConn::spawn(io),
             Upgrade::WebSocket => SpdyConn::spawn(tunnel(io)),
@@ -213,4 +255,79 @@ async fn forward(
     }
     let _ = out.send(Out::Fin(data)).await;
     let _ = out.send(Out::Fin(error)).await;
+}
+
+/// The WebSocket channel protocol: one TCP connection per requested port.
+async fn run_channels(
+    mut ws: WsConn,
+    namespace: String,
+    pod: String,
+    ports: Vec<u16>,
+    streams: Arc<dyn PodStreams>,
+) {
+    let mut to_pod: Vec<Option<mpsc::Sender<Bytes>>> = Vec::new();
+    for (i, &port) in ports.iter().enumerate() {
+        let (data, error) = ((2 * i) as u8, (2 * i + 1) as u8);
+        let [lo, hi] = port.to_le_bytes();
+        for chan in [data, error] {
+            let _ = ws.outgoing.send(Outgoing::Binary(vec![chan, lo, hi])).await;
+        }
+        let tcp = match streams.port_forward(&namespace, &pod, port).await {
+            Ok(t) => t,
+            Err(e) => {
+                let mut msg = vec![error];
+                msg.extend_from_slice(
+                    format!("error forwarding port {port} to pod {namespace}/{pod}: {e}")
+                        .as_bytes(),
+                );
+                let _ = ws.outgoing.send(Outgoing::Binary(msg)).await;
+                to_pod.push(None);
+                continue;
+            }
+        };
+        let (mut rd, mut wr) = tcp.into_split();
+        let (tx, mut rx) = mpsc::channel::<Bytes>(32);
+        to_pod.push(Some(tx));
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        let out = ws.outgoing.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATA];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut msg = Vec::with_capacity(n + 1);
+                        msg.push(data);
+                        msg.extend_from_slice(&buf[..n]);
+                        if out.send(Outgoing::Binary(msg)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut incoming = std::mem::replace(&mut ws.incoming, mpsc::channel(1).1);
+    while let Some(msg) = incoming.recv().await {
+        let Some((&chan, data)) = msg.split_first() else {
+            continue;
+        };
+        let index = usize::from(chan / 2);
+        if chan % 2 == 0
+            && !data.is_empty()
+            && let Some(Some(tx)) = to_pod.get(index)
+            && tx.send(Bytes::copy_from_slice(data)).await.is_err()
+        {
+            to_pod[index] = None;
+        }
+    }
+    drop(to_pod);
+    ws.close().await;
 }

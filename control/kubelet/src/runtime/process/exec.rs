@@ -225,7 +225,7 @@ fn child(
         .find_map(|kv| kv.to_bytes().strip_prefix(b"PATH="))
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_else(|| DEFAULT_PATH.to_owned());
-    let candidates: Vec<Vec<u8>> = if name.contains(&b'/') {
+    let mut candidates: Vec<Vec<u8>> = if name.contains(&b'/') {
         vec![name.to_vec()]
     } else {
         path_env
@@ -234,6 +234,11 @@ fn child(
             .map(|d| [d.as_bytes(), b"/", name].concat())
             .collect()
     };
+    // As for a container's command: in a host-image container `skep` is
+    // the built-in one when the PATH has none.
+    if name == b"skep" {
+        candidates.push(super::rootfs::SKEP_IN_CONTAINER.as_bytes().to_vec());
+    }
     let argv: Vec<CString> = cmd
         .iter()
         .filter_map(|a| CString::new(a.as_bytes()).ok())

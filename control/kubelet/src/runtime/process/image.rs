@@ -3,7 +3,7 @@
 //! layout format, unpacked once into the image cache.
 
 use super::{rootfs::DEFAULT_PATH, state::RootfsSource};
-use serde::{Deserialize, Serialize};
+use crate::runtime::ImageConfig;
 use std::{
     collections::HashMap,
     fs::{self, File},
@@ -13,22 +13,12 @@ use std::{
     time::SystemTime,
 };
 
-/// What an image says about how to run it (the parts Kubernetes' command,
-/// args and env rules need).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageConfig {
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub env: Vec<(String, String)>,
-    pub working_dir: Option<String>,
-}
-
-impl ImageConfig {
-    fn plain() -> Self {
-        Self {
-            env: vec![("PATH".into(), DEFAULT_PATH.into())],
-            ..Self::default()
-        }
+/// The defaults of `host` and directory images: only a PATH, which
+/// Docker images carry too (the container gets exactly its env).
+fn plain_config() -> ImageConfig {
+    ImageConfig {
+        env: vec![("PATH".into(), DEFAULT_PATH.into())],
+        ..ImageConfig::default()
     }
 }
 
@@ -79,7 +69,7 @@ pub(crate) fn resolve(
         return Ok(ResolvedImage {
             id: format!("sha256:{}", sha256_hex(b"host")),
             source: RootfsSource::Host,
-            config: ImageConfig::plain(),
+            config: plain_config(),
         });
     }
     if !image.starts_with('/') {
@@ -96,7 +86,7 @@ pub(crate) fn resolve(
             source: RootfsSource::Overlay {
                 lower: path.to_path_buf(),
             },
-            config: ImageConfig::plain(),
+            config: plain_config(),
         });
     }
     let key = (
@@ -122,7 +112,7 @@ pub(crate) fn resolve(
     let config = fs::read(dir.join(IMAGE_CONFIG_FILE))
         .ok()
         .and_then(|d| serde_json::from_slice(&d).ok())
-        .unwrap_or_else(ImageConfig::plain);
+        .unwrap_or_else(plain_config);
     Ok(ResolvedImage {
         id: format!("sha256:{digest}"),
         source: RootfsSource::Overlay {

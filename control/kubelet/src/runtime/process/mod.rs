@@ -17,14 +17,16 @@ mod mounts;
 mod rootfs;
 mod shim;
 mod state;
+mod stdio;
 mod tty;
 
 pub use exec::main as exec_main;
-pub use image::ImageConfig;
 pub use rootfs::{DEFAULT_PATH, SKEP_IN_CONTAINER};
 pub use shim::main as shim_main;
 
-use super::{ContainerInfo, ContainerSpec, ContainerState, ExecSession, Runtime, RuntimeError};
+use super::{
+    ContainerInfo, ContainerSpec, ContainerState, ExecSession, ImageConfig, Runtime, RuntimeError,
+};
 use image::DigestMemo;
 use rootfs::find_executable;
 use state::{
@@ -112,15 +114,6 @@ impl ProcessRuntime {
                 digests: DigestMemo::default(),
             }),
         })
-    }
-
-    /// The image's entrypoint, cmd, env and working directory, for the
-    /// Kubernetes command/args rules. Blocking: may unpack a tarball (call
-    /// `ensure_image` first). None when the image cannot be resolved.
-    pub fn image_config(&self, image: &str) -> Option<ImageConfig> {
-        image::resolve(image, &self.inner.cfg.image_cache, &self.inner.digests)
-            .ok()
-            .map(|r| r.config)
     }
 
     /// The container's directory; refuses IDs that are not ours.
@@ -424,6 +417,23 @@ impl Runtime for ProcessRuntime {
         tokio::task::spawn_blocking(move || {
             image::resolve(&name, &inner.cfg.image_cache, &inner.digests)
                 .map(|r| r.id)
+                .map_err(|reason| RuntimeError::Image {
+                    image: name.clone(),
+                    reason,
+                })
+        })
+        .await
+        .map_err(blocking_err)?
+    }
+
+    /// `host` and directories: only the default PATH; tarballs: their
+    /// config (the tarball is unpacked if `ensure_image` has not yet).
+    async fn image_config(&self, image: &str) -> Result<ImageConfig, RuntimeError> {
+        let inner = self.inner.clone();
+        let name = image.to_owned();
+        tokio::task::spawn_blocking(move || {
+            image::resolve(&name, &inner.cfg.image_cache, &inner.digests)
+                .map(|r| r.config)
                 .map_err(|reason| RuntimeError::Image {
                     image: name.clone(),
                     reason,

@@ -1,0 +1,316 @@
+//! What a pod spec asks of a node, checked from inside real containers:
+//! volumes (emptyDir, configMap, secret, downwardAPI, projected token),
+//! env from ConfigMaps/Secrets/resources, init and sidecar containers,
+//! liveness restarts, readiness, limits in the cgroup, preStop + grace, and
+//! bad input reported in the status.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cluster;
+
+use cluster::Cluster;
+use std::time::{Duration, Instant};
+
+const SPEC: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: conf, namespace: default}
+data: {greeting: hello, "app.properties": "a=1\n"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds, namespace: default}
+stringData: {password: s3cret}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: full, namespace: default, labels: {tier: web}}
+spec:
+  terminationGracePeriodSeconds: 5
+  initContainers:
+  - name: init
+    image: host
+    command: [sh, -c, "echo from-init > /work/init.txt"]
+    volumeMounts: [{name: scratch, mountPath: /work}]
+  - name: sidecar
+    image: host
+    restartPolicy: Always
+    command: [sh, -c, "while true; do date > /work/sidecar.txt; sleep 1; done"]
+    volumeMounts: [{name: scratch, mountPath: /work}]
+  containers:
+  - name: main
+    image: host
+    command: [sh, -c, "trap 'echo stopping >> /work/stop.txt; exit 0' TERM; while true; do sleep 0.2; done"]
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: conf, key: greeting}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: MEM_MI, valueFrom: {resourceFieldRef: {resource: limits.memory, divisor: 1Mi}}}
+    envFrom: [{prefix: CONF_, configMapRef: {name: conf}}]
+    resources:
+      limits: {memory: 64Mi, cpu: 500m}
+      requests: {memory: 64Mi, cpu: 500m}
+    volumeMounts:
+    - {name: scratch, mountPath: /work}
+    - {name: conf, mountPath: /conf}
+    - {name: creds, mountPath: /creds}
+    - {name: info, mountPath: /info}
+    - {name: mem, mountPath: /fast}
+    lifecycle:
+      preStop: {exec: {command: [sh, -c, "echo prestop >> /work/stop.txt"]}}
+  volumes:
+  - {name: scratch, emptyDir: {}}
+  - {name: mem, emptyDir: {medium: Memory, sizeLimit: 8Mi}}
+  - {name: conf, configMap: {name: conf}}
+  - {name: creds, secret: {secretName: creds}}
+  - name: info
+    downwardAPI:
+      items:
+      - {path: labels, fieldRef: {fieldPath: metadata.labels}}
+      - {path: name, fieldRef: {fieldPath: metadata.name}}
+"#;
+
+fn exec(c: &Cluster, pod: &str, container: &str, script: &str) -> String {
+    c.kubectl_ok(&["exec", pod, "-c", container, "--", "sh", "-c", script])
+}
+
+#[test]
+fn volumes_env_init_sidecars_limits_and_graceful_stop() {
+    let c = Cluster::start(0);
+    c.apply(SPEC);
+    c.wait_ready("default", "full");
+    // The init containers have no resources: Burstable, not Guaranteed.
+    assert_eq!(
+        c.jsonpath("default", "pod/full", "{.status.qosClass}"),
+        "Burstable"
+    );
+    assert_eq!(
+        exec(&c, "full", "main", "cat /work/init.txt").trim(),
+        "from-init",
+        "init ran first, into the shared emptyDir"
+    );
+    assert!(
+        !exec(&c, "full", "main", "cat /work/sidecar.txt")
+            .trim()
+            .is_empty(),
+        "the sidecar runs beside main"
+    );
+    let env = exec(
+        &c,
+        "full",
+        "main",
+        "echo $GREETING $PASSWORD $MEM_MI $CONF_greeting",
+    );
+    assert_eq!(env.trim(), "hello s3cret 64 hello");
+    assert_eq!(
+        exec(
+            &c,
+            "full",
+            "main",
+            "cat /conf/greeting; cat /creds/password"
+        ),
+        "hellos3cret"
+    );
+    assert!(exec(&c, "full", "main", "cat /info/labels").contains("tier=\"web\""));
+    assert_eq!(exec(&c, "full", "main", "cat /info/name"), "full");
+    let token = exec(
+        &c,
+        "full",
+        "main",
+        "cat /var/run/secrets/kubernetes.io/serviceaccount/token; echo; cat /var/run/secrets/kubernetes.io/serviceaccount/namespace",
+    );
+    assert!(
+        token.starts_with("ey") && token.trim_end().ends_with("default"),
+        "service-account token mounted: {token}"
+    );
+    assert!(
+        exec(&c, "full", "main", "grep ' /fast ' /proc/mounts").contains("tmpfs"),
+        "medium Memory is a tmpfs"
+    );
+    assert!(
+        c.kubectl(&[
+            "exec",
+            "full",
+            "-c",
+            "main",
+            "--",
+            "sh",
+            "-c",
+            "echo x > /conf/new"
+        ])
+        .status
+        .code()
+            != Some(0),
+        "configMap volumes are read-only"
+    );
+    // The memory limit is in the container's cgroup.
+    // (No cgroup namespace: /proc/1/cgroup names the host path.)
+    let cgroups = exec(&c, "full", "main", "cat /proc/1/cgroup");
+    let limit = match cgroups
+        .lines()
+        .find_map(|l| l.strip_suffix("").and_then(|l| l.split_once(":memory:")))
+    {
+        Some((_, path)) => {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+                .unwrap()
+        }
+        None => {
+            let path = cgroups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .expect("a cgroup v2 line");
+            std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).unwrap()
+        }
+    };
+    assert_eq!(
+        limit.trim(),
+        (64u64 << 20).to_string(),
+        "memory limit enforced by the container's cgroup: {cgroups}"
+    );
+    // A ConfigMap change reaches the mounted file.
+    c.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "conf",
+        "-p",
+        r#"{"data":{"greeting":"changed"}}"#,
+    ]);
+    c.wait_for("configMap volume updated", Duration::from_secs(30), |c| {
+        exec(c, "full", "main", "cat /conf/greeting") == "changed"
+    });
+    // Delete: preStop, then TERM (trapped → exits early), pod gone.
+    let scratch = c.nodes[0].agent_dir(true).join("pods");
+    let t = Instant::now();
+    c.kubectl_ok(&["delete", "pod", "full", "--wait=true", "--timeout=30s"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5) + Duration::from_secs(3),
+        "the trapped TERM ended it before the grace period"
+    );
+    assert_eq!(
+        std::fs::read_dir(scratch).map(|d| d.count()).unwrap_or(0),
+        0,
+        "the pod's volumes are gone from the node"
+    );
+}
+
+#[test]
+fn probes_restart_unhealthy_containers_and_gate_readiness() {
+    let c = Cluster::start(0);
+    c.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: live, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: host
+    command: [sh, -c, "touch /tmp/healthy; sleep 3; rm /tmp/healthy; sleep 600"]
+    livenessProbe:
+      exec: {command: [test, -e, /tmp/healthy]}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: notready, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: host
+    command: [sleep, "600"]
+    readinessProbe: {tcpSocket: {port: 9999}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: badimage, namespace: default}
+spec:
+  containers: [{name: c, image: /no/such/image.tar, command: [sh]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: badconf, namespace: default}
+spec:
+  containers:
+  - name: c
+    image: host
+    command: [sleep, "600"]
+    env: [{name: X, valueFrom: {configMapKeyRef: {name: missing, key: k}}}]
+"#,
+    );
+    c.wait_for(
+        "live restarted by its liveness probe",
+        Duration::from_secs(60),
+        |c| {
+            c.jsonpath(
+                "default",
+                "pod/live",
+                "{.status.containerStatuses[0].restartCount}",
+            )
+            .parse::<u32>()
+            .unwrap_or(0)
+                >= 1
+        },
+    );
+    let events = c.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=live",
+    ]);
+    assert!(
+        events.contains("Unhealthy") && events.contains("failed liveness probe"),
+        "{events}"
+    );
+    c.wait_for("notready Running", Duration::from_secs(30), |c| {
+        c.jsonpath("default", "pod/notready", "{.status.phase}") == "Running"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.jsonpath(
+            "default",
+            "pod/notready",
+            "{.status.conditions[?(@.type==\"Ready\")].status}"
+        ),
+        "False"
+    );
+    c.wait_for(
+        "badimage ErrImagePull/ImagePullBackOff",
+        Duration::from_secs(30),
+        |c| {
+            let r = c.jsonpath(
+                "default",
+                "pod/badimage",
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            );
+            r == "ErrImagePull" || r == "ImagePullBackOff"
+        },
+    );
+    assert!(
+        c.jsonpath(
+            "default",
+            "pod/badimage",
+            "{.status.containerStatuses[0].state.waiting.message}"
+        )
+        .contains("/no/such/image.tar")
+    );
+    c.wait_for(
+        "badconf CreateContainerConfigError",
+        Duration::from_secs(30),
+        |c| {
+            c.jsonpath(
+                "default",
+                "pod/badconf",
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            ) == "CreateContainerConfigError"
+        },
+    );
+    assert!(
+        c.jsonpath(
+            "default",
+            "pod/badconf",
+            "{.status.containerStatuses[0].state.waiting.message}"
+        )
+        .contains("missing")
+    );
+}
