@@ -28,6 +28,10 @@ pub enum BenchTarget {
     /// direct, at 1, 1,000 and 10,000 services (as root; traffic stays in
     /// network namespaces the benchmark creates).
     Lb,
+    /// Pod start-up: 100 pods on one node, create → Running/Ready p50/p99,
+    /// agent memory idle and with 100 pods (`cargo bench -p skep --bench
+    /// pods`; as root).
+    Pods,
 }
 
 /// How to run one benchmark.
@@ -62,6 +66,12 @@ impl BenchTarget {
                 bench: "lb_bench",
                 example: true,
                 report: "target/bench/lb.json",
+            },
+            Self::Pods => Bench {
+                package: "skep",
+                bench: "pods",
+                example: false,
+                report: "target/bench/pods.json",
             },
             Self::Dns => Bench {
                 package: "skep-dns",

@@ -242,16 +242,23 @@ impl NodeProxy {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         let mut body = resp.into_body();
         tokio::spawn(async move {
-            while let Some(frame) = body.frame().await {
+            loop {
+                // A client that leaves a quiet `logs -f` is noticed here,
+                // which drops the kubelet connection too.
+                let frame = tokio::select! {
+                    f = body.frame() => f,
+                    _ = tx.closed() => break,
+                };
                 match frame {
-                    Ok(f) => {
+                    None => break,
+                    Some(Ok(f)) => {
                         if let Ok(data) = f.into_data()
                             && tx.send(data).await.is_err()
                         {
                             break;
                         }
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::debug!(error = %e, "node proxy: the kubelet's log stream broke");
                         break;
                     }

@@ -1040,3 +1040,38 @@ async fn runs_as_the_given_user_and_groups() {
     assert_eq!(s.exit.await.unwrap(), 0);
     env.rt.stop(&id, Duration::ZERO).await.unwrap();
 }
+
+#[tokio::test]
+async fn mount_point_behind_a_dangling_symlink() {
+    let env = Env::new();
+    assert!(
+        Path::new(BUSYBOX).is_file(),
+        "{BUSYBOX} is missing: install busybox-static"
+    );
+    // A directory image whose /etc/resolv.conf points into /run (as on
+    // systemd-resolved hosts), where nothing exists yet.
+    let image = env.tmp.path().join("dir-image");
+    for d in ["bin", "etc", "run"] {
+        std::fs::create_dir_all(image.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, image.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "readlink"] {
+        std::os::unix::fs::symlink("busybox", image.join("bin").join(applet)).unwrap();
+    }
+    std::os::unix::fs::symlink("../run/resolve/stub.conf", image.join("etc/resolv.conf")).unwrap();
+    let resolv = env.tmp.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.43.0.10\n").unwrap();
+    let mut spec = env.spec(&["sh", "-c", "cat /etc/resolv.conf"]);
+    spec.image = image.to_str().unwrap().to_owned();
+    spec.env = vec![("PATH".into(), "/bin".into())];
+    spec.mounts = vec![Mount {
+        host_path: resolv,
+        container_path: "/etc/resolv.conf".into(),
+        read_only: true,
+    }];
+    let (code, reason, out) = env.run(&spec).await;
+    assert_eq!((code, reason.as_str()), (0, "Completed"), "{out}");
+    assert_eq!(out, "nameserver 10.43.0.10\n");
+    // The image directory itself is untouched (the overlay took the change).
+    assert!(!image.join("run/resolve").exists());
+}

@@ -48,6 +48,8 @@ struct HostPod {
     dir: PathBuf,
     /// Running flag per container; `follow` ends when it turns false.
     running: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// `still_running` calls: a follower that is still polling.
+    polls: std::sync::atomic::AtomicUsize,
 }
 
 impl HostPod {
@@ -135,6 +137,7 @@ impl PodStreams for HostPod {
     }
 
     async fn still_running(&self, c: &ContainerRef, _path: &Path) -> bool {
+        self.polls.fetch_add(1, Ordering::SeqCst);
         self.flag(&c.container).load(Ordering::SeqCst)
     }
 
@@ -317,6 +320,7 @@ impl Fixture {
         let pod = Arc::new(HostPod {
             dir: pod_dir.path().to_owned(),
             running: Mutex::new(HashMap::new()),
+            polls: Default::default(),
         });
         let ca = std::fs::read(server.dir.path().join("tls/ca.crt")).unwrap();
         let kubelet = rt
@@ -615,8 +619,8 @@ fn follow(f: &Fixture, v: &str) {
 
 fn exec(f: &Fixture, v: &str) {
     let s = &f.server;
-    if v != "1.27" {
-        // Newer kubectl speaks WebSocket v5 (it would fall back to SPDY
+    if !matches!(v, "1.27" | "1.28" | "1.29") {
+        // kubectl 1.30+ speaks WebSocket v5 (it would fall back to SPDY
         // if the upgrade were refused: make sure it was not).
         let out = kubectl(s, v, &["-v=4", "exec", POD, "--", "true"], None);
         let log = String::from_utf8_lossy(&out.stderr);
@@ -824,7 +828,7 @@ fn kubelet_refuses_other_callers_and_errors_are_clear() {
             .args(args)
             .current_dir(work.path())
             .output()
-            .unwrap();
+            .expect("the openssl command is needed (apt package openssl; `cargo xtask setup`)");
         assert!(
             out.status.success(),
             "openssl {args:?}: {}",
@@ -948,6 +952,22 @@ fn kubelet_refuses_other_callers_and_errors_are_clear() {
     let out = kubectl(&f.server, "1.33", &["logs", "orphan"], None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kubelet of node gone"), "{err}");
+
+    // A node that reports no kubelet endpoint.
+    f.create(
+        "/api/v1/nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "silent"}}),
+    );
+    f.create(
+        &format!("/api/v1/namespaces/{NS}/pods"),
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hushed"},
+               "spec": {"nodeName": "silent", "tolerations": [{"operator": "Exists"}],
+                        "containers": [{"name": "c", "image": "host"}]}}),
+    );
+    let out = kubectl(&f.server, "1.33", &["logs", "hushed"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not report a kubelet endpoint"), "{err}");
 
     // RBAC: a user who may read pods but not exec into them.
     let sa_token = {
@@ -1106,4 +1126,17 @@ fn exec_with_a_terminal() {
     let f = Fixture::new();
     exec_tty(&f, "1.27");
     exec_tty(&f, "1.33");
+}
+
+/// The kubectl versions around the protocol changes: 1.29 (SPDY only),
+/// 1.30 (WebSocket exec, SPDY port-forward), 1.31 (tunnelled
+/// port-forward).
+#[test]
+fn kubectl_versions_around_the_protocol_switch() {
+    let f = Fixture::new();
+    for v in ["1.29", "1.30", "1.31"] {
+        exec(&f, v);
+        port_forward(&f, v);
+        cp(&f, v);
+    }
 }

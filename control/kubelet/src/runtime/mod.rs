@@ -236,4 +236,9 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = pod_uid;
         Ok(())
     }
+    /// UIDs of the pods that have a sandbox, so a restarted agent can
+    /// remove those of pods deleted while it was down.
+    async fn list_sandboxes(&self) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
 }

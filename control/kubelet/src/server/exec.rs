@@ -403,3 +403,33 @@ where
     router.abort();
     conn.close().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_first_supported_protocol_wins() {
+        let offered = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            negotiate(
+                &offered(&["v5.channel.k8s.io", "v4.channel.k8s.io"]),
+                CHANNEL_PROTOCOLS
+            )
+            .as_deref(),
+            Some("v5.channel.k8s.io")
+        );
+        assert_eq!(
+            negotiate(
+                &offered(&["base64.channel.k8s.io", "v4.channel.k8s.io"]),
+                CHANNEL_PROTOCOLS
+            )
+            .as_deref(),
+            Some("v4.channel.k8s.io")
+        );
+        assert_eq!(
+            negotiate(&offered(&["channel.k8s.io"]), CHANNEL_PROTOCOLS),
+            None
+        );
+    }
+}

@@ -103,3 +103,24 @@ pub(super) fn common_name(der: &[u8]) -> Option<String> {
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_serving_certificate_survives_restarts() {
+        let dir = std::env::temp_dir().join(format!("skep-kubelet-tls-{}", std::process::id()));
+        let listen: SocketAddr = "127.0.0.1:10250".parse().unwrap();
+        let first = serving_cert(&dir, listen).unwrap();
+        let again = serving_cert(&dir, listen).unwrap();
+        assert_eq!(first, again);
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

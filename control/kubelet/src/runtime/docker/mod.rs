@@ -25,8 +25,8 @@ use bollard::{
     exec::{CreateExecOptions, StartExecOptions, StartExecResults},
     query_parameters::{
         AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-        ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, ResizeExecOptionsBuilder,
-        StopContainerOptionsBuilder,
+        EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+        ResizeExecOptionsBuilder, StopContainerOptionsBuilder,
     },
 };
 use futures::StreamExt;
@@ -60,6 +60,8 @@ pub struct DockerRuntime {
     docker: Docker,
     /// Log followers by container ID.
     followers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Settled OOM verdicts of SIGKILLed containers (see `oom_event`).
+    oom: Mutex<HashMap<String, bool>>,
 }
 
 impl std::fmt::Debug for DockerRuntime {
@@ -92,6 +94,7 @@ impl DockerRuntime {
         Ok(Self {
             docker,
             followers: Mutex::new(HashMap::new()),
+            oom: Mutex::new(HashMap::new()),
         })
     }
 
@@ -118,6 +121,50 @@ impl DockerRuntime {
             let h = logs::spawn(self.docker.clone(), id.to_owned(), path.to_owned());
             f.insert(id.to_owned(), h);
         }
+    }
+
+    /// Whether docker sent an `oom` event for a container that died of
+    /// SIGKILL. Docker 20.10 sets State.OOMKilled only when containerd's
+    /// OOM event arrives before the exit event; when it comes second, only
+    /// the event (kept in the daemon's recent-events buffer) tells.
+    async fn oom_event(
+        &self,
+        id: &str,
+        started_at: Option<chrono::DateTime<chrono::Utc>>,
+        finished_at: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        if let Some(&v) = self.oom.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return v;
+        }
+        let stamp = |t: chrono::DateTime<chrono::Utc>| {
+            format!("{}.{:09}", t.timestamp(), t.timestamp_subsec_nanos())
+        };
+        let now = chrono::Utc::now();
+        let since = started_at.unwrap_or(finished_at) - chrono::Duration::seconds(1);
+        let filters = HashMap::from([
+            ("container".to_owned(), vec![id.to_owned()]),
+            ("event".to_owned(), vec!["oom".to_owned()]),
+        ]);
+        let opts = EventsOptionsBuilder::new()
+            .since(&stamp(since))
+            .until(&stamp(now))
+            .filters(&filters)
+            .build();
+        let found = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut s = self.docker.events(Some(opts));
+            matches!(s.next().await, Some(Ok(_)))
+        })
+        .await
+        .unwrap_or(false);
+        // The event may trail the exit by a moment: a "no" is final only
+        // once the exit is not that recent.
+        if found || now - finished_at > chrono::Duration::seconds(3) {
+            self.oom
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_owned(), found);
+        }
+        found
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
@@ -323,6 +370,10 @@ impl Runtime for DockerRuntime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        self.oom
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         Ok(())
     }
 
@@ -351,10 +402,22 @@ impl Runtime for DockerRuntime {
                 Err(e) if status(&e) == Some(404) => continue,
                 Err(e) => return Err(unavailable("inspecting a container")(e)),
             };
-            let state = i
+            let mut state = i
                 .state
                 .as_ref()
                 .map_or(ContainerState::Created, state::from_docker);
+            if let ContainerState::Exited {
+                started_at,
+                finished_at,
+                exit_code: 137,
+                reason,
+                ..
+            } = &mut state
+                && reason == "Error"
+                && self.oom_event(&id, *started_at, *finished_at).await
+            {
+                *reason = "OOMKilled".into();
+            }
             let running = matches!(state, ContainerState::Running { .. });
             let started = !matches!(
                 state,
@@ -513,5 +576,9 @@ impl Runtime for DockerRuntime {
 
     async fn remove_sandbox(&self, pod_uid: &str) -> Result<(), RuntimeError> {
         sandbox::remove(&self.docker, pod_uid).await
+    }
+
+    async fn list_sandboxes(&self) -> Result<Vec<String>, RuntimeError> {
+        sandbox::list(&self.docker).await
     }
 }

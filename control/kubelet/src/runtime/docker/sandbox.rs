@@ -150,6 +150,25 @@ async fn find(
     Ok(out)
 }
 
+/// UIDs of the pods with a pause container (running or not).
+pub(crate) async fn list(docker: &Docker) -> Result<Vec<String>, RuntimeError> {
+    let opts = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&labels::filter(labels::SANDBOX))
+        .build();
+    let list = docker
+        .list_containers(Some(opts))
+        .await
+        .map_err(|e| RuntimeError::Unavailable(format!("listing containers: {e}")))?;
+    let mut uids: Vec<String> = list
+        .into_iter()
+        .filter_map(|c| c.labels?.get(labels::POD_UID).cloned())
+        .collect();
+    uids.sort();
+    uids.dedup();
+    Ok(uids)
+}
+
 /// The running pause container of a pod, if it has one.
 pub(crate) async fn pause_of(
     docker: &Docker,

@@ -25,6 +25,17 @@ const HOST_SKIP: [&str; 5] = ["proc", "sys", "dev", "run", "tmp"];
 /// (absolute targets are relative to `root`, `..` never leaves it).
 /// Returns None when a component does not exist.
 pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Option<PathBuf> {
+    match resolve_partial(root, path)? {
+        (found, missing) if missing.is_empty() => Some(found),
+        _ => None,
+    }
+}
+
+/// Like `resolve_in_root`, but stops at the first missing component:
+/// returns the host path of what exists and the components still missing
+/// below it (where the container would see them created, symlinks
+/// included). None for a symlink loop or an unreadable component.
+fn resolve_partial(root: &Path, path: &str) -> Option<(PathBuf, Vec<String>)> {
     let mut pending: Vec<String> = path
         .split('/')
         .filter(|c| !c.is_empty())
@@ -33,6 +44,7 @@ pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Option<PathBuf> {
         .collect();
     let mut current: Vec<String> = Vec::new();
     let mut links = 0;
+    let host_of = |parts: &[String]| parts.iter().fold(root.to_path_buf(), |p, c| p.join(c));
     while let Some(part) = pending.pop() {
         match part.as_str() {
             "." => continue,
@@ -42,11 +54,28 @@ pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Option<PathBuf> {
             }
             _ => {}
         }
-        let host = current
-            .iter()
-            .fold(root.to_path_buf(), |p, c| p.join(c))
-            .join(&part);
-        let meta = fs::symlink_metadata(&host).ok()?;
+        let host = host_of(&current).join(&part);
+        let meta = match fs::symlink_metadata(&host) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // `..` in what is left would refer to directories that do
+                // not exist yet: resolve it away lexically.
+                let mut missing = vec![part];
+                while let Some(p) = pending.pop() {
+                    match p.as_str() {
+                        "." => {}
+                        ".." => {
+                            if missing.pop().is_none() {
+                                current.pop();
+                            }
+                        }
+                        _ => missing.push(p),
+                    }
+                }
+                return Some((host_of(&current), missing));
+            }
+            Err(_) => return None,
+        };
         if meta.file_type().is_symlink() {
             links += 1;
             if links > 40 {
@@ -68,7 +97,7 @@ pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Option<PathBuf> {
             current.push(part);
         }
     }
-    Some(current.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
+    Some((host_of(&current), Vec::new()))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -245,37 +274,15 @@ fn user_mount(
         ));
     }
     let meta = fs::metadata(host).map_err(|e| format!("mount source {}: {e}", host.display()))?;
-    let target = match resolve_in_root(root, container_path) {
-        Some(t) => t,
-        None => {
-            // Create what is missing, component by component.
-            let (parent, name) = container_path
-                .rsplit_once('/')
-                .unwrap_or(("", container_path));
-            let parent_host = if parent.is_empty() {
-                root.to_path_buf()
-            } else {
-                let mut p = root.to_path_buf();
-                let mut inside = String::new();
-                for part in parent.split('/').filter(|c| !c.is_empty()) {
-                    inside.push('/');
-                    inside.push_str(part);
-                    p = match resolve_in_root(root, &inside) {
-                        Some(existing) => existing,
-                        None => {
-                            let new = p.join(part);
-                            create_mount_point(&new, true, container_path)?;
-                            new
-                        }
-                    };
-                }
-                p
-            };
-            let target = parent_host.join(name);
-            create_mount_point(&target, meta.is_dir(), container_path)?;
-            target
-        }
-    };
+    let (mut target, missing) = resolve_partial(root, container_path)
+        .ok_or_else(|| format!("mount path {container_path:?}: cannot resolve it in the image"))?;
+    // Create what is missing (directories, then the mount point itself),
+    // where the container would see it: through symlinks.
+    for (i, part) in missing.iter().enumerate() {
+        target.push(part);
+        let last = i + 1 == missing.len();
+        create_mount_point(&target, !last || meta.is_dir(), container_path)?;
+    }
     if !target.starts_with(root) {
         return Err(format!("mount path {container_path:?} escapes the root"));
     }
