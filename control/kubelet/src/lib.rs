@@ -254,6 +254,12 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
     )
     .await
     .map_err(|e| AgentError::Setup(format!("serving the kubelet endpoint on {listen}: {e}")))?;
+    // Advertise the port actually bound (`--kubelet-port 0` picks one).
+    let mut cfg = cfg;
+    cfg.kubelet_port = _kubelet.local_addr().port();
+    if let Err(e) = heartbeat(&client, &cfg, &health.node_health().await).await {
+        tracing::warn!(node = %cfg.node_name, error = %e, "posting the node status failed; retrying with the heartbeat");
+    }
     tokio::spawn(routes::run(client.clone(), cfg.node_name.clone()));
     if let Err(e) = renew_lease(&client, &cfg).await {
         tracing::warn!(node = %cfg.node_name, error = %e, "creating the node lease failed; retrying with the heartbeat");

@@ -143,8 +143,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             Some(ip) => ip,
             None => anyhow::bail!("could not find this machine's address; pass --node-ip"),
         };
-        if let Some(listen) = dns_listen {
-            crate::kube_dns::ensure(&handle.api, &node_ip, listen.port(), args.node.cluster_dns)
+        if let Some(dns) = &_dns {
+            // The port actually bound (the flag may say :0).
+            let port = dns.local_addr().port();
+            crate::kube_dns::ensure(&handle.api, &node_ip, port, args.node.cluster_dns)
                 .await
                 .context("creating the kube-dns Service")?;
         }

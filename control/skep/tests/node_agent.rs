@@ -1,6 +1,6 @@
 //! Node agents: the server's own node and a second agent joining with the
 //! node token register, get a /24 each, renew their Leases, and report
-//! NotReady with the reason while no container runtime exists.
+//! Ready once their runtime works.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -25,7 +25,18 @@ fn wait_for(s: &Server, what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn server_and_joined_agents_register_their_nodes() {
-    let s = Server::start_with(&["--node-name", "server-node", "--no-dataplane"]);
+    // Random ports: several servers with nodes run side by side here.
+    let s = Server::start_with(&[
+        "--node-name",
+        "server-node",
+        "--no-dataplane",
+        "--kubelet-port",
+        "0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--node-ip",
+        "127.0.0.1",
+    ]);
     let v = "1.31";
     wait_for(&s, "the server's node registers", || {
         s.kubectl(v, &["get", "node", "server-node"])
@@ -46,14 +57,18 @@ fn server_and_joined_agents_register_their_nodes() {
         .unwrap()
         .clone();
     assert_eq!(
-        ready["status"], "False",
-        "no runtime yet: the node must not claim to be Ready"
+        ready["status"], "True",
+        "the process runtime works: {ready}"
     );
     assert!(
-        ready["message"]
+        node["status"]["nodeInfo"]["containerRuntimeVersion"]
             .as_str()
             .unwrap()
-            .contains("no container runtime")
+            .starts_with("skep-process://")
+    );
+    assert_ne!(
+        node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"], 0,
+        "the kubelet endpoint's bound port is advertised"
     );
     assert!(
         node["status"]["capacity"]["cpu"]
@@ -78,6 +93,8 @@ fn server_and_joined_agents_register_their_nodes() {
             "worker-1",
             "--node-ip",
             "127.0.0.2",
+            "--kubelet-port",
+            "0",
             "--ca-file",
         ])
         .arg(s.dir.path().join("tls/ca.crt"))
@@ -170,6 +187,12 @@ fn the_agent_programs_services_into_the_dataplane() {
         "lb-node",
         "--bpf-root",
         pins.0.to_str().unwrap(),
+        "--kubelet-port",
+        "0",
+        "--dns-listen",
+        "127.0.0.1:0",
+        "--node-ip",
+        "127.0.0.1",
     ]);
     let v = "1.31";
     let manifest = |ips: &[&str]| {

@@ -1,7 +1,7 @@
 //! Pods on the `docker` runtime end to end: a `skep server --runtime
 //! docker` (its node in a network namespace) against a private dockerd
-//! runs a busybox pod that gets Ready, serves on its pod IP, logs and
-//! takes `kubectl exec`.
+//! runs a busybox pod that gets Ready, serves on its pod IP, logs, takes
+//! `kubectl exec` and survives an agent restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cluster;
@@ -43,7 +43,7 @@ fn docker_pod_runs_and_gets_ready() {
         .await
         .unwrap();
     });
-    let c = Cluster::start_with(0, &["--runtime", "docker", "--docker-socket", &socket]);
+    let mut c = Cluster::start_with(0, &["--runtime", "docker", "--docker-socket", &socket]);
     c.apply(POD);
     c.wait_ready("default", "dweb");
     let ip = c.jsonpath("default", "pod/dweb", "{.status.podIP}");
@@ -69,6 +69,58 @@ fn docker_pod_runs_and_gets_ready() {
     });
     let host = c.kubectl_ok(&["exec", "dweb", "--", "cat", "/etc/hostname"]);
     assert_eq!(host.trim(), "dweb");
+    // An agent restart re-adopts the container and its sandbox: same
+    // container, same IP, still serving.
+    let cid = c.jsonpath(
+        "default",
+        "pod/dweb",
+        "{.status.containerStatuses[0].containerID}",
+    );
+    assert!(cid.starts_with("docker://"), "{cid}");
+    c.restart_node(0);
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_for(
+        "serving again after the restart",
+        Duration::from_secs(60),
+        |c| {
+            let out = c.in_node(
+                0,
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "2",
+                    &format!("http://{ip}:8080/"),
+                ],
+            );
+            String::from_utf8_lossy(&out.stdout).trim() == "hello-docker"
+        },
+    );
+    c.wait_for("pod Ready, same container", Duration::from_secs(60), |c| {
+        c.jsonpath(
+            "default",
+            "pod/dweb",
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        ) == "True"
+            && c.jsonpath(
+                "default",
+                "pod/dweb",
+                "{.status.containerStatuses[0].containerID}",
+            ) == cid
+            && c.jsonpath(
+                "default",
+                "pod/dweb",
+                "{.status.containerStatuses[0].restartCount}",
+            ) == "0"
+    });
+    assert_eq!(c.jsonpath("default", "pod/dweb", "{.status.podIP}"), ip);
+    assert_eq!(
+        d.cli(&["ps", "-q", "--filter", "label=io.skep.sandbox-netns"])
+            .lines()
+            .count(),
+        1,
+        "one pause container"
+    );
     c.kubectl_ok(&["delete", "pod", "dweb", "--wait=true", "--timeout=60s"]);
     c.wait_for("containers removed", Duration::from_secs(30), |_| {
         d.cli(&["ps", "-aq", "--filter", "label=io.skep.pod-uid"])

@@ -283,7 +283,14 @@ async fn docker_runtime() {
     // Memory limit: the OOM killer, reported as such.
     let mut spec = pod.spec(
         "oom",
-        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        // The pause first: containerd watches for OOM kills only once the
+        // task runs; one in the first milliseconds goes unnoticed by docker
+        // (it then reports plain exit 137).
+        &[
+            "sh",
+            "-c",
+            "sleep 0.5; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+        ],
     );
     spec.resources.memory_limit_bytes = Some(16 << 20);
     let id = rt.start(&spec).await.unwrap();

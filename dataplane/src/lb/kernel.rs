@@ -58,7 +58,9 @@ pub struct KernelDatapath {
     /// Written through a shared mapping when the map is mmapable, else with
     /// batch updates (see `sys`), hence the raw MapData.
     maglev: MapData,
-    maglev_mmap: Option<super::sys::MmapArray>,
+    /// The Maglev map can be written through a mapping (BPF_F_MMAPABLE);
+    /// else batch updates are used.
+    maglev_mmapable: bool,
     ct: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     counters: PerCpuArray<MapData, u64>,
@@ -239,20 +241,19 @@ impl KernelDatapath {
             tcx = tcx_supported(),
             "load balancer datapath open"
         );
-        let maglev_mmap = {
+        let maglev_mmapable = {
             use std::os::fd::AsFd as _;
-            let entries = settings.max_frontends.saturating_mul(settings.maglev_size);
-            match super::sys::MmapArray::map(maglev.fd().as_fd(), entries) {
-                Ok(m) => Some(m),
+            match super::sys::MmapArray::map_window(maglev.fd().as_fd(), 0, 1) {
+                Ok(_) => true,
                 Err(e) => {
                     // E.g. maps pinned by an older object without the flag.
                     tracing::info!(error = %e, "Maglev map is not mmapable; using batch updates");
-                    None
+                    false
                 }
             }
         };
         Ok(Self {
-            maglev_mmap,
+            maglev_mmapable,
             settings,
             ebpf,
             services,
@@ -639,7 +640,16 @@ impl Datapath for KernelDatapath {
     ) -> Result<(), DataplaneError> {
         use std::os::fd::AsFd as _;
         let base = frontend_id * self.settings.maglev_size;
-        if let Some(mmap) = &mut self.maglev_mmap {
+        if self.maglev_mmapable {
+            let mut mmap = super::sys::MmapArray::map_window(
+                self.maglev.fd().as_fd(),
+                base,
+                self.settings.maglev_size,
+            )
+            .map_err(|e| DataplaneError::Map {
+                map: names::MAP_MAGLEV,
+                detail: format!("mapping the table of frontend {frontend_id}: {e}"),
+            })?;
             for &(slot, backend) in slots {
                 if !mmap.set(base + slot, backend) {
                     return Err(DataplaneError::Map {

@@ -103,12 +103,23 @@ pub(crate) fn update_u32s(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> 
     Ok(())
 }
 
-/// A shared mapping of a BPF_F_MMAPABLE array map: writes are plain stores
-/// into the map's memory, visible to the programs at once. Array elements
-/// are `round_up(value_size, 8)` bytes apart.
+/// A shared mapping of a window of a BPF_F_MMAPABLE array map: writes are
+/// plain stores into the map's memory, visible to the programs at once.
+/// Array elements are `round_up(value_size, 8)` bytes apart.
+///
+/// Only the window being written is mapped, and only while it is written:
+/// the kernel maps an array's pages eagerly, so a mapping of the whole
+/// Maglev map would put all of it (max_frontends × table size × 8 bytes,
+/// over 100 MiB by default) in the agent's resident set for nothing.
 pub(crate) struct MmapArray {
     base: std::ptr::NonNull<u8>,
     bytes: usize,
+    /// Index of the first element of the window (the mapping starts at
+    /// the page holding it).
+    first: u32,
+    /// Byte offset of element `first` from the start of the mapping.
+    skew: usize,
+    /// Elements in the window.
     entries: u32,
 }
 
@@ -121,14 +132,21 @@ unsafe impl Sync for MmapArray {}
 const U32_ELEM_STRIDE: usize = 8;
 
 impl MmapArray {
-    /// Maps an array map of `entries` u32 values.
-    pub(crate) fn map(map: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
+    /// Maps the elements `first .. first + count` of an array map of u32
+    /// values.
+    pub(crate) fn map_window(map: BorrowedFd<'_>, first: u32, count: u32) -> io::Result<Self> {
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .map_err(|_| io::Error::other("page size unknown"))?;
-        let bytes = (entries as usize * U32_ELEM_STRIDE).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks
-        // the length against the map and fails for non-mmapable maps.
+        let start_byte = first as usize * U32_ELEM_STRIDE;
+        let end_byte = (first as usize + count as usize) * U32_ELEM_STRIDE;
+        let offset = start_byte / page * page;
+        let bytes = end_byte.div_ceil(page) * page - offset;
+        let file_offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::other("map offset out of range"))?;
+        // SAFETY: a fresh shared mapping of the map's fd at a page-aligned
+        // offset; the kernel checks offset + length against the map and
+        // fails for non-mmapable maps.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -136,7 +154,7 @@ impl MmapArray {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.as_raw_fd(),
-                0,
+                file_offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -147,23 +165,25 @@ impl MmapArray {
         Ok(Self {
             base,
             bytes,
-            entries,
+            first,
+            skew: start_byte - offset,
+            entries: count,
         })
     }
 
-    /// Stores `value` at `index`; false if out of range.
+    /// Stores `value` at (absolute) `index`; false if outside the window.
     pub(crate) fn set(&mut self, index: u32, value: u32) -> bool {
-        if index >= self.entries {
+        let Some(rel) = index.checked_sub(self.first).filter(|r| *r < self.entries) else {
             return false;
-        }
-        // SAFETY: index < entries, so the 4 bytes at index * stride lie inside
-        // the mapping; the offset is 8-aligned. A volatile aligned 32-bit
-        // store is atomic on the platforms BPF runs on, so a program never
-        // sees a torn backend id.
+        };
+        // SAFETY: rel < entries, so the 4 bytes at skew + rel * stride lie
+        // inside the mapping; the offset is 8-aligned. A volatile aligned
+        // 32-bit store is atomic on the platforms BPF runs on, so a program
+        // never sees a torn backend id.
         unsafe {
             self.base
                 .as_ptr()
-                .add(index as usize * U32_ELEM_STRIDE)
+                .add(self.skew + rel as usize * U32_ELEM_STRIDE)
                 .cast::<u32>()
                 .write_volatile(value);
         }

@@ -82,11 +82,51 @@ pub(crate) struct Ctx {
     pub events: events::Recorder,
     pub views: Arc<Mutex<HashMap<(String, String), streams::PodView>>>,
     pub host_resolv: String,
+    /// Wakes the relister at once (a new pod's worker waits for its
+    /// first relist before starting anything).
+    pub relist_now: tokio::sync::Notify,
+    /// Services by namespace (see `services_of`); an async lock so one
+    /// LIST serves all the pods waiting for it.
+    pub services: tokio::sync::Mutex<HashMap<String, (std::time::Instant, Vec<Value>)>>,
 }
+
+/// Services of a namespace are read at most this often for container
+/// environments (many pods of a namespace start together).
+const SERVICES_TTL: Duration = Duration::from_secs(2);
 
 impl Ctx {
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.cfg.data_dir.join("pods").join(uid)
+    }
+
+    /// The Services of a namespace, from a short-lived cache.
+    pub async fn services_of(&self, namespace: &str) -> Vec<Value> {
+        let mut cache = self.services.lock().await;
+        if let Some((at, list)) = cache.get(namespace)
+            && at.elapsed() < SERVICES_TTL
+        {
+            return list.clone();
+        }
+        let list: Vec<Value> = match self
+            .client
+            .get(&format!("/api/v1/namespaces/{namespace}/services"))
+            .await
+        {
+            Ok(l) => l
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(namespace, error = %e, "listing services for pod environments failed");
+                Vec::new()
+            }
+        };
+        cache.insert(
+            namespace.to_owned(),
+            (std::time::Instant::now(), list.clone()),
+        );
+        list
     }
 }
 
@@ -201,6 +241,8 @@ impl PodManager {
             cfg,
             views: Arc::default(),
             host_resolv,
+            services: tokio::sync::Mutex::default(),
+            relist_now: tokio::sync::Notify::new(),
         });
         tokio::spawn(run(ctx.clone()));
         Self { ctx }
@@ -231,6 +273,8 @@ fn uid_of(pod: &Value) -> String {
 struct Workers {
     senders: HashMap<String, mpsc::UnboundedSender<Msg>>,
     shared: Senders,
+    /// Workers were added since the last publish.
+    new_workers: bool,
 }
 
 impl Workers {
@@ -248,6 +292,7 @@ impl Workers {
         let _ = tx.send(Msg::Pod(Box::new(pod)));
         self.senders.insert(uid.clone(), tx);
         tokio::spawn(worker::run(ctx.clone(), uid, rx));
+        self.new_workers = true;
     }
 
     fn gone(&mut self, uid: &str) {
@@ -261,6 +306,7 @@ async fn run(ctx: Arc<Ctx>) {
     let mut workers = Workers {
         senders: HashMap::new(),
         shared: Senders::default(),
+        new_workers: false,
     };
     let mut first = true;
     loop {
@@ -304,7 +350,7 @@ async fn watch_pods(ctx: &Arc<Ctx>, workers: &mut Workers, first: &mut bool) -> 
     for pod in items {
         workers.send(ctx, pod);
     }
-    workers.publish();
+    workers.publish(ctx);
     let mut stream = ctx
         .client
         .watch(&format!(
@@ -320,7 +366,7 @@ async fn watch_pods(ctx: &Arc<Ctx>, workers: &mut Workers, first: &mut bool) -> 
             "ERROR" => return Err(format!("watch error: {}", ev.object)),
             _ => {}
         }
-        workers.publish();
+        workers.publish(ctx);
     }
     Err("the API server ended the pod watch".into())
 }
@@ -330,10 +376,13 @@ type Senders = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>>;
 
 impl Workers {
     /// Makes the current senders visible to the relister.
-    fn publish(&mut self) {
+    fn publish(&mut self, ctx: &Ctx) {
         self.senders.retain(|_, tx| !tx.is_closed());
         if let Ok(mut m) = self.shared.lock() {
             m.clone_from(&self.senders);
+        }
+        if std::mem::take(&mut self.new_workers) {
+            ctx.relist_now.notify_one();
         }
     }
 }
@@ -344,7 +393,10 @@ async fn relist(ctx: Arc<Ctx>, senders: Senders) {
     let mut ticker = tokio::time::interval(RELIST);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = ctx.relist_now.notified() => {}
+        }
         let all = match ctx.runtime.list().await {
             Ok(all) => all,
             Err(e) => {

@@ -110,6 +110,10 @@ struct Worker {
     observed: Vec<ContainerInfo>,
     /// Containers started but not yet seen in a relist.
     pending: Vec<(ContainerInfo, Instant)>,
+    /// The runtime's view of this pod has arrived at least once: before
+    /// that nothing is started (a restarted agent would otherwise start
+    /// a second copy of a container it is about to adopt).
+    relisted: bool,
     start_time: Option<String>,
     last_status: Option<Value>,
     last_sync: Instant,
@@ -133,6 +137,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, uid: String, mut rx: mpsc::UnboundedRecei
         slots: Vec::new(),
         observed: Vec::new(),
         pending: Vec::new(),
+        relisted: false,
         start_time: None,
         last_status: None,
         last_sync: Instant::now(),
@@ -155,7 +160,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, uid: String, mut rx: mpsc::UnboundedRecei
         while let Ok(m) = rx.try_recv() {
             w.receive(Some(m));
         }
-        if w.dirty && !w.pod.is_null() {
+        if w.dirty && !w.pod.is_null() && (w.relisted || w.gone) {
             w.dirty = false;
             w.last_sync = Instant::now();
             w.sync().await;
@@ -176,6 +181,7 @@ impl Worker {
                 self.pod = *p;
             }
             Some(Msg::Containers(cs)) => {
+                self.relisted = true;
                 // A relist taken before our latest start may not have it
                 // yet: keep what we started until the runtime reports it,
                 // or a container would be started twice.
@@ -993,31 +999,13 @@ impl Worker {
             .pointer("/spec/enableServiceLinks")
             .and_then(Value::as_bool)
             .unwrap_or(true);
-        let mut services = Vec::new();
-        if let Ok(k) = self
-            .ctx
-            .client
-            .get("/api/v1/namespaces/default/services/kubernetes")
-            .await
-        {
-            services.push(k);
-        }
         let ns = self.ns();
-        if links
-            && let Ok(list) = self
-                .ctx
-                .client
-                .get(&format!("/api/v1/namespaces/{ns}/services"))
-                .await
-        {
-            for svc in list
-                .get("items")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                if !(ns == "default" && s(svc, "/metadata/name") == Some("kubernetes")) {
-                    services.push(svc.clone());
+        let mut services = self.ctx.services_of("default").await;
+        services.retain(|svc| s(svc, "/metadata/name") == Some("kubernetes"));
+        if links {
+            for svc in self.ctx.services_of(&ns).await {
+                if !(ns == "default" && s(&svc, "/metadata/name") == Some("kubernetes")) {
+                    services.push(svc);
                 }
             }
         }
