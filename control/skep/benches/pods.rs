@@ -44,11 +44,23 @@ fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// RSS of every process whose command line is `skep __shim …`.
-fn shims_rss_mb(state_dir: &Path) -> (usize, f64) {
+/// Proportional set size (shared pages split among their users): what a
+/// process really adds to the machine's memory.
+fn pss_mb(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Count, RSS and PSS of every process whose command line is
+/// `skep __shim …` for this agent.
+fn shims_rss_mb(state_dir: &Path) -> (usize, f64, f64) {
     let needle = state_dir.display().to_string();
     let mut n = 0;
     let mut total = 0.0;
+    let mut pss = 0.0;
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -58,9 +70,10 @@ fn shims_rss_mb(state_dir: &Path) -> (usize, f64) {
         if cmd.contains("__shim") && cmd.contains(&needle) {
             n += 1;
             total += rss_mb(pid);
+            pss += pss_mb(pid);
         }
     }
-    (n, total)
+    (n, total, pss)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -159,7 +172,7 @@ struct Run {
     ready: Vec<f64>,
     agent_idle: f64,
     agent_loaded: f64,
-    shims: (usize, f64),
+    shims: (usize, f64, f64),
     delete_all_s: f64,
 }
 
@@ -410,7 +423,7 @@ fn main() {
         "ready p99 s",
         "agent MB",
         "agent MB/100",
-        "shims (n, MB)",
+        "shims n, RSS, PSS MB",
         "delete all s"
     );
     for rt in runtimes {
@@ -450,7 +463,7 @@ fn main() {
             "{rt:<8} {r50:>14.3} {r99:>14.3} {d50:>14.3} {d99:>14.3} {:>10.1} {:>12.1} {:>16} {:>12.2}",
             r.agent_idle,
             r.agent_loaded,
-            format!("{}, {:.1}", r.shims.0, r.shims.1),
+            format!("{}, {:.0}, {:.0}", r.shims.0, r.shims.1, r.shims.2),
             r.delete_all_s
         );
         report.insert(format!("{rt}_running_p50_s"), json!(r50));
@@ -460,6 +473,7 @@ fn main() {
         report.insert(format!("{rt}_delete_100_s"), json!(r.delete_all_s));
         report.insert(format!("{rt}_shims"), json!(r.shims.0));
         report.insert(format!("{rt}_shims_rss_mb"), json!(r.shims.1));
+        report.insert(format!("{rt}_shims_pss_mb"), json!(r.shims.2));
         if rt == "process" {
             report.insert("agent_rss_mb_idle".into(), json!(r.agent_idle));
             report.insert("agent_rss_mb_100_pods".into(), json!(r.agent_loaded));

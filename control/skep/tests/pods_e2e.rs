@@ -159,6 +159,31 @@ fn pods_run_and_reach_a_service_by_name() {
         env.contains("tools serve"),
         "PID 1 is the container's command: {env}"
     );
+    // Logs of the real container, and a port-forward to it (kubectl and
+    // the forwarded port both inside the node's namespace).
+    c.wait_for("web logs", Duration::from_secs(10), |c| {
+        !c.kubectl_ok(&["-n", "demo", "logs", "web"]).is_empty()
+    });
+    let mut pf = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.nodes[0].netns, cluster::KUBECTL, "--kubeconfig"])
+        .arg(c.kubeconfig())
+        .args(["-n", "demo", "port-forward", "pod/web", "18080:8080"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut forwarded = String::new();
+    for _ in 0..50 {
+        let out = c.in_node(0, &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:18080/"]);
+        if out.status.success() {
+            forwarded = String::from_utf8_lossy(&out.stdout).into_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = pf.kill();
+    let _ = pf.wait();
+    assert!(forwarded.contains("web"), "port-forward reached the pod: {forwarded:?}");
     // Delete: gone within the grace period, with its namespace.
     c.kubectl_ok(&[
         "-n",

@@ -229,6 +229,13 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: badvolume, namespace: default}
+spec:
+  containers: [{name: c, image: host, command: [sleep, "600"]}]
+  volumes: [{name: v, hostPath: {path: /no/such/file/here, type: File}}]
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: badconf, namespace: default}
 spec:
   containers:

@@ -203,6 +203,7 @@ impl DockerRuntime {
             Ok(c) => Ok(c.id),
             // A leftover of an interrupted start of the same attempt.
             Err(e) if status(&e) == Some(409) => {
+                tracing::info!(container = %name, "replacing a leftover container of the same name");
                 self.remove(&name).await?;
                 self.docker
                     .create_container(Some(opts), body)
@@ -327,6 +328,7 @@ impl Runtime for DockerRuntime {
             return Err(RuntimeError::Start(format!("starting the container: {e}")));
         }
         self.ensure_follower(&id, &spec.log_path, true);
+        tracing::debug!(container = %id, name = %labels::container_name(&spec.labels), "container started");
         Ok(id)
     }
 
