@@ -52,15 +52,19 @@ impl PodNetwork for NodeNetwork {
             .await
             .map_err(|e| e.to_string())?;
         if let Some(lb) = &self.lb {
-            let mut lb = lb
-                .lock()
-                .map_err(|_| "the load balancer lock is poisoned".to_string())?;
-            lb.datapath_mut().attach_pod(&net.host_veth).map_err(|e| {
-                format!(
-                    "attaching the service load balancer to {}: {e}",
-                    net.host_veth
-                )
-            })?;
+            // TC attachment is blocking netlink/bpf work under the load
+            // balancer's lock: keep it off the async workers.
+            let (lb, veth) = (lb.clone(), net.host_veth.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut lb = lb
+                    .lock()
+                    .map_err(|_| "the load balancer lock is poisoned".to_string())?;
+                lb.datapath_mut()
+                    .attach_pod(&veth)
+                    .map_err(|e| format!("attaching the service load balancer to {veth}: {e}"))
+            })
+            .await
+            .map_err(|e| format!("attaching the service load balancer: {e}"))??;
         }
         Ok(PodNetInfo {
             ip: IpAddr::V4(ip),

@@ -4,12 +4,16 @@
 //!
 //! The server (`--no-agent`) and a separate `skep agent` run in a network
 //! namespace the benchmark makes; pods live in their own namespaces below
-//! it. With `SKEP_BENCH_DOCKER_SOCKET` set (a dockerd socket, as
-//! `cargo xtask bench pods` provides), the same run is repeated with the
-//! Docker runtime. Writes target/bench/pods.json.
+//! it. The same run is repeated with the Docker runtime against a private
+//! dockerd the benchmark starts (no bridge, no iptables), with a busybox
+//! image imported from the host's busybox-static. Writes
+//! target/bench/pods.json.
 
 // Benchmark harness: a failed expect aborts the run with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/docker/mod.rs"]
+mod docker;
 
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -408,12 +412,18 @@ fn main() {
     );
     // The benchmark's own threads talk to the API inside the namespace:
     // run the whole tokio runtime on threads that enter it first.
-    let docker = std::env::var("SKEP_BENCH_DOCKER_SOCKET").ok();
+    let dockerd = docker::Dockerd::start();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let rt = skep_kubelet::runtime::docker::DockerRuntime::connect(dockerd.socket())
+            .await
+            .unwrap();
+        rt.import_busybox("skep-bench/busybox:1", &["sh", "sleep"])
+            .await
+            .unwrap();
+    });
+    let docker = Some(dockerd.socket().display().to_string());
     let mut report = serde_json::Map::new();
-    let mut runtimes = vec!["process"];
-    if docker.is_some() {
-        runtimes.push("docker");
-    }
+    let runtimes = ["process", "docker"];
     println!(
         "{:<8} {:>14} {:>14} {:>14} {:>14} {:>10} {:>12} {:>16} {:>12}",
         "runtime",

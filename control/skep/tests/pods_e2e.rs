@@ -165,7 +165,13 @@ fn pods_run_and_reach_a_service_by_name() {
         !c.kubectl_ok(&["-n", "demo", "logs", "web"]).is_empty()
     });
     let mut pf = std::process::Command::new("ip")
-        .args(["netns", "exec", &c.nodes[0].netns, cluster::KUBECTL, "--kubeconfig"])
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0].netns,
+            cluster::KUBECTL,
+            "--kubeconfig",
+        ])
         .arg(c.kubeconfig())
         .args(["-n", "demo", "port-forward", "pod/web", "18080:8080"])
         .stdout(std::process::Stdio::piped())
@@ -174,7 +180,10 @@ fn pods_run_and_reach_a_service_by_name() {
         .unwrap();
     let mut forwarded = String::new();
     for _ in 0..50 {
-        let out = c.in_node(0, &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:18080/"]);
+        let out = c.in_node(
+            0,
+            &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:18080/"],
+        );
         if out.status.success() {
             forwarded = String::from_utf8_lossy(&out.stdout).into_owned();
             break;
@@ -183,7 +192,10 @@ fn pods_run_and_reach_a_service_by_name() {
     }
     let _ = pf.kill();
     let _ = pf.wait();
-    assert!(forwarded.contains("web"), "port-forward reached the pod: {forwarded:?}");
+    assert!(
+        forwarded.contains("web"),
+        "port-forward reached the pod: {forwarded:?}"
+    );
     // Delete: gone within the grace period, with its namespace.
     c.kubectl_ok(&[
         "-n",

@@ -333,6 +333,10 @@ async fn docker_runtime() {
     })
     .await;
 
+    // The same attempt started again (an agent restart racing its relist)
+    // is the running container, not a replacement.
+    assert_eq!(rt.start(&spec).await.unwrap(), stubborn);
+
     // Exec: output, exit code, stdin.
     let mut s = rt
         .exec(

@@ -438,6 +438,17 @@ async fn cleanup_orphans(ctx: &Arc<Ctx>, live: &[String]) {
         }
         Err(e) => tracing::warn!(error = %e, "listing containers at start failed"),
     }
+    // Sandboxes (Docker's pause containers) of pods that are gone.
+    match ctx.runtime.list_sandboxes().await {
+        Ok(uids) => {
+            for uid in uids.iter().filter(|u| !live.contains(u)) {
+                if let Err(e) = ctx.runtime.remove_sandbox(uid).await {
+                    tracing::warn!(pod_uid = %uid, error = %e, "removing a stale pod sandbox failed");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing pod sandboxes at start failed"),
+    }
     match ctx.network.reconcile(live).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(

@@ -299,7 +299,28 @@ impl Worker {
     /// Network, pod files and volumes; false while they are not ready.
     async fn prepare_sandbox(&mut self) -> bool {
         if !self.host_network() && self.net.is_none() {
-            match self.ctx.network.setup(&self.uid).await {
+            let netns = std::path::Path::new("/run/netns")
+                .join(skep_dataplane::podnet::netns_name(&self.uid));
+            let pod = crate::runtime::ContainerLabels {
+                pod_uid: self.uid.clone(),
+                pod_namespace: self.ns(),
+                pod_name: self.name(),
+                container_name: String::new(),
+                attempt: 0,
+                init: false,
+            };
+            let made = self
+                .ctx
+                .runtime
+                .create_sandbox(&self.uid, &pod, &netns)
+                .await
+                .map_err(|e| e.to_string());
+            match async {
+                made?;
+                self.ctx.network.setup(&self.uid).await
+            }
+            .await
+            {
                 Ok(n) => {
                     self.net = Some(n);
                     self.net_error = None;
@@ -1091,6 +1112,9 @@ impl Worker {
         }
         if let Err(e) = self.ctx.network.teardown(&self.uid).await {
             tracing::warn!(pod = %self.name(), error = %e, "removing the pod network failed");
+        }
+        if let Err(e) = self.ctx.runtime.remove_sandbox(&self.uid).await {
+            tracing::warn!(pod = %self.name(), error = %e, "removing the pod sandbox failed");
         }
         self.net = None;
     }

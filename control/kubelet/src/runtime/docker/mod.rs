@@ -167,7 +167,8 @@ impl DockerRuntime {
         found
     }
 
-    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+    /// Creates the container; returns its ID and whether it already runs.
+    async fn create(&self, spec: &ContainerSpec) -> Result<(String, bool), RuntimeError> {
         let pause = match &spec.netns {
             None => None,
             Some(ns) => Some(
@@ -200,15 +201,28 @@ impl DockerRuntime {
             .create_container(Some(opts.clone()), body.clone())
             .await
         {
-            Ok(c) => Ok(c.id),
-            // A leftover of an interrupted start of the same attempt.
+            Ok(c) => Ok((c.id, false)),
+            // The name (pod, container, attempt) is taken: this attempt
+            // was started before. Still running, it is the container asked
+            // for (a start repeated across an agent restart must not kill
+            // it); otherwise it is a leftover to replace.
             Err(e) if status(&e) == Some(409) => {
+                let existing = self.docker.inspect_container(&name, None).await.ok();
+                let running = existing
+                    .as_ref()
+                    .and_then(|i| i.state.as_ref())
+                    .and_then(|s| s.running)
+                    == Some(true);
+                if let (true, Some(id)) = (running, existing.and_then(|i| i.id)) {
+                    tracing::info!(container = %id, %name, "this attempt already runs; adopting it");
+                    return Ok((id, true));
+                }
                 tracing::info!(container = %name, "replacing a leftover container of the same name");
                 self.remove(&name).await?;
                 self.docker
                     .create_container(Some(opts), body)
                     .await
-                    .map(|c| c.id)
+                    .map(|c| (c.id, false))
                     .map_err(|e| RuntimeError::Start(format!("creating the container: {e}")))
             }
             Err(e) => Err(RuntimeError::Start(format!("creating the container: {e}"))),
@@ -307,7 +321,11 @@ impl Runtime for DockerRuntime {
     }
 
     async fn start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
-        let id = self.create(spec).await?;
+        let (id, running) = self.create(spec).await?;
+        if running {
+            self.ensure_follower(&id, &spec.log_path, true);
+            return Ok(id);
+        }
         if let Err(e) = self.docker.start_container(&id, None).await {
             // Docker records failures that are the container's (no such
             // executable…) in State.Error: keep the container so `list`
