@@ -233,34 +233,73 @@ impl Ipam {
     /// The IP of pod `uid`: the one it already holds, else the next free
     /// one (persisted before it is returned).
     pub fn allocate(&mut self, uid: &str) -> Result<Ipv4Addr, IpamError> {
-        if let Some(ip) = self.get(uid) {
-            return Ok(ip);
+        let mut ips = self.allocate_batch(&[uid.to_owned()])?;
+        ips.pop().ok_or(IpamError::Exhausted {
+            cidr: self.cidr,
+            allocated: self.by_ip.len(),
+        })
+    }
+
+    /// IPs for several pods with one write to disk (a group commit: many
+    /// pods starting together cost one fsync, not one each). All or
+    /// nothing: when the write fails, none of the new IPs is handed out.
+    pub fn allocate_batch(&mut self, uids: &[String]) -> Result<Vec<Ipv4Addr>, IpamError> {
+        let prev_last = self.last;
+        let mut added: Vec<(String, Ipv4Addr)> = Vec::new();
+        let mut out = Vec::with_capacity(uids.len());
+        for uid in uids {
+            if let Some(ip) = self.get(uid) {
+                out.push(ip);
+                continue;
+            }
+            match self.next_free() {
+                Ok(free) => {
+                    self.last = Some(free);
+                    self.by_ip.insert(free, uid.clone());
+                    self.by_uid.insert(uid.clone(), free);
+                    added.push((uid.clone(), free));
+                    out.push(free);
+                }
+                Err(e) => {
+                    self.undo(&added, prev_last);
+                    return Err(e);
+                }
+            }
         }
+        if added.is_empty() {
+            return Ok(out);
+        }
+        if let Err(e) = self.persist() {
+            // Not on disk, so not handed out.
+            self.undo(&added, prev_last);
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    fn next_free(&self) -> Result<Ipv4Addr, IpamError> {
         let first = u32::from(self.first());
         let end = u32::from(self.cidr.broadcast()) - 1;
         let start = match self.last.map(u32::from) {
             Some(l) if l >= first && l < end => l + 1,
             _ => first,
         };
-        let free = (start..=end)
+        (start..=end)
             .chain(first..start)
             .map(Ipv4Addr::from)
             .find(|ip| !self.by_ip.contains_key(ip))
             .ok_or(IpamError::Exhausted {
                 cidr: self.cidr,
                 allocated: self.by_ip.len(),
-            })?;
-        let prev_last = self.last.replace(free);
-        self.by_ip.insert(free, uid.to_owned());
-        self.by_uid.insert(uid.to_owned(), free);
-        if let Err(e) = self.persist() {
-            // Not on disk, so not handed out.
-            self.by_ip.remove(&free);
+            })
+    }
+
+    fn undo(&mut self, added: &[(String, Ipv4Addr)], prev_last: Option<Ipv4Addr>) {
+        for (uid, ip) in added {
+            self.by_ip.remove(ip);
             self.by_uid.remove(uid);
-            self.last = prev_last;
-            return Err(e);
         }
-        Ok(free)
+        self.last = prev_last;
     }
 
     /// Frees the IP of pod `uid` (nothing to do when it has none).

@@ -101,7 +101,10 @@ fn spawn_in(netns: &str, args: &[String], log: &Path) -> Proc {
     let fd = ns.as_raw_fd();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_skep"));
     cmd.args(args)
-        .env("SKEP_LOG", "warn")
+        .env(
+            "SKEP_LOG",
+            std::env::var("SKEP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
     // SAFETY: setns is async-signal-safe; `ns` outlives the spawn.
@@ -392,6 +395,10 @@ async fn run(runtime: &str, docker_socket: Option<&str>, tag: &str, netns: &str)
     let delete_all_s = t.elapsed().as_secs_f64();
     drop(agent);
     drop(server);
+    if std::env::var_os("SKEP_BENCH_KEEP").is_some() {
+        let kept = dir.keep();
+        println!("kept {}", kept.display());
+    }
     cleanup_node(&node, &agent_dir.join("ipam.json"));
     let _ = Command::new("ip").args(["netns", "del", &netns]).output();
     let _ = std::fs::remove_dir_all(bpf.join(&tag));

@@ -49,6 +49,76 @@ fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
+/// Attaches the pod hooks to pods' interfaces without the datapath: on
+/// TCX kernels an attachment is one link per hook, made from the
+/// programs' fds, so many pods can be attached at once (each attachment
+/// waits on the kernel, mostly for RCU) instead of one after another under
+/// the load balancer's lock.
+#[derive(Debug)]
+pub struct PodHooks {
+    from_pod: std::os::fd::OwnedFd,
+    to_pod: std::os::fd::OwnedFd,
+    links: PathBuf,
+}
+
+impl PodHooks {
+    /// Attaches from_pod (ingress) and to_pod (egress) to `iface`;
+    /// idempotent (a pin for this interface index means it is attached).
+    pub fn attach(&self, iface: &str) -> Result<(), DataplaneError> {
+        use std::os::fd::AsFd as _;
+        let ifindex = nix::net::if_::if_nametoindex(iface)
+            .map_err(|_| DataplaneError::NoSuchInterface(iface.to_owned()))?;
+        for (fd, attach_type, dir, program) in [
+            (
+                &self.from_pod,
+                super::sys::BPF_TCX_INGRESS,
+                "ingress",
+                names::PROG_FROM_POD,
+            ),
+            (
+                &self.to_pod,
+                super::sys::BPF_TCX_EGRESS,
+                "egress",
+                names::PROG_TO_POD,
+            ),
+        ] {
+            let pin = self.links.join(format!("{iface}-{ifindex}-{dir}"));
+            if pin.exists() {
+                continue;
+            }
+            let link =
+                super::sys::tcx_link_create(fd.as_fd(), ifindex, attach_type).map_err(|e| {
+                    DataplaneError::Attach {
+                        program,
+                        iface: iface.to_owned(),
+                        detail: format!("creating the TCX link: {e}"),
+                    }
+                })?;
+            super::sys::obj_pin(link.as_fd(), &pin).map_err(|e| DataplaneError::Pin {
+                path: pin.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        tracing::debug!(iface, ifindex, "pod hooks attached (TCX links)");
+        Ok(())
+    }
+
+    /// Removes the pins of `iface`'s links (its hooks detach with them;
+    /// a deleted interface's links are already defunct).
+    pub fn forget(&self, iface: &str) {
+        let prefix = format!("{iface}-");
+        for entry in std::fs::read_dir(&self.links)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 /// The load balancer in the kernel.
 pub struct KernelDatapath {
     settings: LbSettings,
@@ -267,6 +337,39 @@ impl KernelDatapath {
 
     pub fn settings(&self) -> &LbSettings {
         &self.settings
+    }
+
+    /// A handle that attaches the pod hooks without this datapath (TCX
+    /// kernels, ≥ 6.6); None where attachments go through netlink, which
+    /// `attach_pod` handles.
+    pub fn pod_hooks(&mut self) -> Result<Option<PodHooks>, DataplaneError> {
+        use std::os::fd::AsFd as _;
+        if !tcx_supported() {
+            return Ok(None);
+        }
+        let links = self.settings.pin_root.join("links");
+        std::fs::create_dir_all(&links).map_err(|e| DataplaneError::Pin {
+            path: links.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut fd_of = |prog: &'static str| -> Result<std::os::fd::OwnedFd, DataplaneError> {
+            let p = classifier(&mut self.ebpf, prog)?;
+            let fd = p.fd().map_err(|e| DataplaneError::ProgramLoad {
+                program: prog,
+                detail: e.to_string(),
+            })?;
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| DataplaneError::ProgramLoad {
+                    program: prog,
+                    detail: e.to_string(),
+                })
+        };
+        Ok(Some(PodHooks {
+            from_pod: fd_of(names::PROG_FROM_POD)?,
+            to_pod: fd_of(names::PROG_TO_POD)?,
+            links,
+        }))
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to a pod's

@@ -25,7 +25,7 @@ pub use datapath::{
 };
 pub use fake::{FakeDatapath, FakeOp};
 pub use inspect::{BackendView, FrontendView, LbSnapshot, PinnedLb};
-pub use kernel::KernelDatapath;
+pub use kernel::{KernelDatapath, PodHooks};
 pub use reconcile::LoadBalancer;
 pub use settings::LbSettings;
 

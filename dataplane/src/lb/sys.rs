@@ -10,6 +10,81 @@ use std::{
 };
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+/// Attach types of TCX links (Linux ≥ 6.6).
+pub(crate) const BPF_TCX_INGRESS: u32 = 46;
+pub(crate) const BPF_TCX_EGRESS: u32 = 47;
+
+/// The `link_create` member of `union bpf_attr`, with its `tcx` part.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+/// The `obj_pin` member of `union bpf_attr`.
+#[repr(C)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Creates a TCX link of `prog` on `ifindex` (appended after the links
+/// already there); the link detaches when its last fd or pin goes.
+pub(crate) fn tcx_link_create(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        flags: 0,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
+    };
+    // SAFETY: `attr` is the link_create prefix of union bpf_attr, valid for
+    // the call; on success the kernel returns a new fd that we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &mut attr as *mut LinkCreateAttr,
+            std::mem::size_of::<LinkCreateAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(r).map_err(|_| io::Error::other("bpf returned a bad fd"))?;
+    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Pins a BPF object (here: a link) at `path` on bpffs.
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("pin path contains NUL"))?;
+    let mut attr = ObjPinAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut attr)
+}
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The `elem` member of `union bpf_attr`.

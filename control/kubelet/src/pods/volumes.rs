@@ -244,7 +244,12 @@ async fn write_token(
     }
     let ns = s(pod, "/metadata/namespace").unwrap_or("default");
     let sa = s(pod, "/spec/serviceAccountName").unwrap_or("default");
+    let t = std::time::Instant::now();
     let token = tokens.token(ns, sa, pod, audience, expiration).await?;
+    tracing::debug!(
+        token_ms = t.elapsed().as_millis() as u64,
+        "service-account token issued"
+    );
     write_file(dir, rel, token.as_bytes(), mode)
 }
 

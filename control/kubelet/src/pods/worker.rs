@@ -288,12 +288,23 @@ impl Worker {
                     .unwrap_or_else(status::now),
             );
         }
-        if self.prepare_sandbox().await {
+        let t0 = Instant::now();
+        let ready = self.prepare_sandbox().await;
+        let t1 = Instant::now();
+        if ready {
             self.drain_probe_events();
             self.step_containers().await;
         }
+        let t2 = Instant::now();
         self.publish_view();
         self.push_status().await;
+        tracing::debug!(
+            pod = %self.name(),
+            sandbox_ms = (t1 - t0).as_millis() as u64,
+            containers_ms = (t2 - t1).as_millis() as u64,
+            status_ms = t2.elapsed().as_millis() as u64,
+            "pod synced"
+        );
     }
 
     /// Network, pod files and volumes; false while they are not ready.
@@ -358,7 +369,10 @@ impl Worker {
                 tokens: &tokens,
                 node: &self.ctx.cfg.node,
             };
-            match volumes::prepare(&self.pod, &cx).await {
+            let tv = Instant::now();
+            let prepared = volumes::prepare(&self.pod, &cx).await;
+            tracing::debug!(pod = %self.name(), volumes_ms = tv.elapsed().as_millis() as u64, "volumes prepared");
+            match prepared {
                 Ok(v) => {
                     self.volumes = v;
                     self.volumes_at = Some(Instant::now());
