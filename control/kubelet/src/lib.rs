@@ -11,6 +11,7 @@
 //! - `server`: the kubelet's HTTPS endpoint for logs/exec/attach/port-forward.
 
 pub mod ipam;
+mod json;
 pub mod network;
 pub mod node;
 pub mod pods;

@@ -3,6 +3,7 @@
 //! (a full resync at start, then a resync after every batch of changes; the
 //! dataplane applies only the differences).
 
+use crate::json::str_at as s;
 use futures::StreamExt;
 use serde_json::Value;
 use skep_client::{Client, WatchStream};
@@ -13,10 +14,6 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 const DEFAULT_AFFINITY: Duration = Duration::from_secs(10_800);
 /// Changes arriving within this window are programmed together.
 const BATCH: Duration = Duration::from_millis(20);
-
-fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
-    v.pointer(p).and_then(Value::as_str)
-}
 
 fn key(obj: &Value) -> String {
     format!(

@@ -1,20 +1,8 @@
 //! /etc/resolv.conf, /etc/hosts and /etc/hostname of a pod.
 
+use crate::json::{str_at as s, strings_at as strings};
 use serde_json::Value;
 use std::net::IpAddr;
-
-fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
-    v.pointer(p).and_then(Value::as_str)
-}
-
-fn strings(v: &Value, p: &str) -> Vec<String> {
-    v.pointer(p)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_str().map(str::to_owned))
-        .collect()
-}
 
 /// The cluster's DNS settings as the node knows them.
 #[derive(Debug, Clone)]

@@ -3,6 +3,7 @@
 //! `envFrom`, and the service variables every pod gets.
 
 use super::ObjectSource;
+use crate::json::str_at as s;
 use base64::Engine;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -11,10 +12,6 @@ use std::collections::BTreeMap;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0}")]
 pub struct EnvError(pub String);
-
-fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
-    v.pointer(p).and_then(Value::as_str)
-}
 
 /// Expands `$(NAME)` from `vars`; `$$(NAME)` escapes to `$(NAME)`; an
 /// unknown reference is left as written (Kubernetes' rule).

@@ -1,12 +1,9 @@
 //! Pure pieces of a pod's status: QoS class, container resources, the
 //! restart rule, a container's status object.
 
+use crate::json::str_at as s;
 use crate::runtime::{ContainerInfo, ContainerState, Resources};
 use serde_json::{Value, json};
-
-fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
-    v.pointer(p).and_then(Value::as_str)
-}
 
 pub fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)

@@ -8,6 +8,7 @@
 //! it and updates of the ConfigMap or Secret reach running pods.
 
 use super::{ObjectSource, env};
+use crate::json::str_at as s;
 use base64::Engine;
 use serde_json::Value;
 use std::{
@@ -50,10 +51,6 @@ pub trait TokenSource: Send + Sync {
     ) -> Result<String, String>;
     /// The cluster CA (PEM) for `ca.crt`.
     fn ca_pem(&self) -> String;
-}
-
-fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
-    v.pointer(p).and_then(Value::as_str)
 }
 
 fn write_file(dir: &Path, rel: &str, data: &[u8], mode: u32) -> Result<(), String> {
@@ -310,18 +307,13 @@ pub async fn prepare(
                 host_path: host_path(h).map_err(err)?,
                 read_only: false,
             }
-        } else if let Some(c) = v.get("configMap") {
+        } else if let Some((c, secret)) = v
+            .get("configMap")
+            .map(|c| (c, false))
+            .or_else(|| v.get("secret").map(|c| (c, true)))
+        {
             std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
-            project_object(&dir, c, false, ns, 0o644, cx.objects)
-                .await
-                .map_err(err)?;
-            Prepared {
-                host_path: dir,
-                read_only: true,
-            }
-        } else if let Some(c) = v.get("secret") {
-            std::fs::create_dir_all(&dir).map_err(|e| err(e.to_string()))?;
-            project_object(&dir, c, true, ns, 0o644, cx.objects)
+            project_object(&dir, c, secret, ns, 0o644, cx.objects)
                 .await
                 .map_err(err)?;
             Prepared {

@@ -13,6 +13,7 @@ use super::{
     streams::{ContainerView, InstanceView, PodView},
     volumes,
 };
+use crate::json::{str_at as s, strings_at as strings};
 use crate::probe::{ProbeEvent, ProbeKind, ProbeStatus, ProbeTarget, Prober};
 use crate::runtime::{
     ContainerInfo, ContainerLabels, ContainerSpec, ContainerState, Mount, RuntimeError,
@@ -35,19 +36,6 @@ const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A container that ran this long has its back-off forgotten.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
-
-fn s<'a>(v: &'a Value, p: &str) -> Option<&'a str> {
-    v.pointer(p).and_then(Value::as_str)
-}
-
-fn strings(v: &Value, p: &str) -> Vec<String> {
-    v.pointer(p)
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|x| x.as_str().map(str::to_owned))
-        .collect()
-}
 
 struct Probes {
     for_id: String,
