@@ -7,10 +7,12 @@
 
 pub mod counter;
 pub mod error;
+pub mod flows;
 pub mod lb;
 pub mod netns;
 pub mod object;
 pub mod podnet;
+pub mod policy;
 
 pub use counter::{Direction, PacketCounter};
 pub use error::DataplaneError;

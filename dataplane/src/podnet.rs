@@ -68,6 +68,12 @@ pub struct PodNetSpec {
     pub netns_name: String,
     pub ip: Ipv4Addr,
     pub mtu: u32,
+    /// Preferred source of the node's own packets to the pod (the pod
+    /// route's `src`): the node address. Without it the kernel picks some
+    /// address of the node, and a node service answering a pod over UDP
+    /// (the cluster DNS) may answer from an address the pod's connected
+    /// socket does not expect.
+    pub host_src: Option<Ipv4Addr>,
 }
 
 impl PodNetSpec {
@@ -78,7 +84,14 @@ impl PodNetSpec {
             netns_name: netns_name(pod_uid),
             ip,
             mtu,
+            host_src: None,
         }
+    }
+
+    /// The node address the pod route names as source.
+    pub fn with_host_source(mut self, src: Ipv4Addr) -> Self {
+        self.host_src = Some(src);
+        self
     }
 }
 
@@ -454,12 +467,15 @@ async fn configure_host_side(
         .execute()
         .await
         .map_err(nl::to_io)?;
-    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(spec.ip, 32)
         .output_interface(idx)
         .scope(RouteScope::Link)
-        .protocol(RouteProtocol::Other(POD_ROUTE_PROTO))
-        .build();
+        .protocol(RouteProtocol::Other(POD_ROUTE_PROTO));
+    if let Some(src) = spec.host_src {
+        route = route.pref_source(src);
+    }
+    let route = route.build();
     h.route()
         .add(route)
         .replace()

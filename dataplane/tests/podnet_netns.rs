@@ -227,6 +227,21 @@ fn pods_on_one_node_talk_to_each_other_and_to_the_node() {
         route.trim(),
         format!("10.42.7.2 dev {} proto 84 scope link", a.host_veth)
     );
+    // With the node address as source: the node's own packets to the pod
+    // come from it (a node service answering a pod's connected UDP socket).
+    node.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"]);
+    let spec_c = node
+        .spec(Ipv4Addr::new(10, 42, 7, 4))
+        .with_host_source(Ipv4Addr::new(192, 0, 2, 1));
+    let c = node.setup(&spec_c);
+    let route = node.ip(&["-4", "route", "show", "10.42.7.4"]);
+    assert_eq!(
+        route.trim(),
+        format!(
+            "10.42.7.4 dev {} proto 84 scope link src 192.0.2.1",
+            c.host_veth
+        )
+    );
     let host_link = node.ip(&["-o", "link", "show", &a.host_veth]);
     assert!(
         host_link.contains("link/ether ee:ee:ee:ee:ee:ee") && host_link.contains("LOWER_UP"),

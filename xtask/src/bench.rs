@@ -1,7 +1,7 @@
 //! `cargo xtask bench <target>`: runs one benchmark and checks it left its
 //! report under target/bench/. Add a variant to [`BenchTarget`] (and a
 //! `Bench` entry to [`BenchTarget::spec`]) for each new benchmark (lb, api,
-//! dns…).
+//! dns, policy…).
 
 use std::{fs, path::PathBuf};
 
@@ -28,6 +28,11 @@ pub enum BenchTarget {
     /// direct, at 1, 1,000 and 10,000 services (as root; traffic stays in
     /// network namespaces the benchmark creates).
     Lb,
+    /// NetworkPolicy: skep's eBPF policy at 0, 1, 100 and 1,000 policies vs
+    /// the same rules as iptables chains (and ipsets), programming time,
+    /// and the drop rate of denied traffic at XDP vs iptables (as root;
+    /// traffic stays in network namespaces the benchmark creates).
+    Policy,
     /// Pod start-up: 100 pods on one node, create → Running/Ready p50/p99,
     /// agent memory idle and with 100 pods (`cargo bench -p skep --bench
     /// pods`; as root).
@@ -66,6 +71,12 @@ impl BenchTarget {
                 bench: "lb_bench",
                 example: true,
                 report: "target/bench/lb.json",
+            },
+            Self::Policy => Bench {
+                package: "skep-dataplane",
+                bench: "policy_bench",
+                example: true,
+                report: "target/bench/policy.json",
             },
             Self::Pods => Bench {
                 package: "skep",

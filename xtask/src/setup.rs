@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-client",
     "iptables",
     "conntrack",
+    // bench policy: the ipset flavour of iptables-based policy engines.
+    "ipset",
     // etcd-client generates its gRPC code with protoc at build time.
     "protobuf-compiler",
     // vm-test: the guest's shell and tools (statically linked); gcc and

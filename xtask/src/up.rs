@@ -47,8 +47,9 @@ pub struct UpArgs {
     /// Boot the cluster only; do not apply the demo.
     #[arg(long)]
     pub no_demo: bool,
-    /// Number of nodes (only 1 until the node agent lands).
-    #[arg(long, default_value_t = 1)]
+    /// Number of nodes: the server's and N-1 agents, each in its own
+    /// network namespace on a bridge inside the server's.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub nodes: u32,
 }
 
@@ -118,13 +119,6 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<()> {
 
 pub fn up(args: &UpArgs) -> Result<()> {
     util::require_root("the cluster gets its own network namespace and veth pair")?;
-    if args.nodes != 1 {
-        bail!(
-            "--nodes {}: `up` boots one node; several nodes run today in the tests' harness \
-             (control/skep/tests/cluster), and come to `up` with the [distribution] issue",
-            args.nodes
-        );
-    }
     let sb = &args.sandbox;
     let state = sb.state_dir();
     if let Some(pid) = read_pid(&sb.pid_file())
@@ -176,6 +170,22 @@ pub fn up(args: &UpArgs) -> Result<()> {
     ])?;
     ip(&["-n", &sb.name, "link", "set", "eth0", "up"])?;
     ip(&["-n", &sb.name, "link", "set", "lo", "up"])?;
+    // The nodes' own network: a bridge inside the server's namespace that
+    // every node (the server's included) has its node address on. Agents'
+    // namespaces route everything else to the server's namespace, which
+    // has no route beyond the host-only /30: nothing leaves the sandbox.
+    let node_ip = node_address(0).to_string();
+    ip(&["-n", &sb.name, "link", "add", "br0", "type", "bridge"])?;
+    ip(&[
+        "-n",
+        &sb.name,
+        "addr",
+        "add",
+        &format!("{node_ip}/24"),
+        "dev",
+        "br0",
+    ])?;
+    ip(&["-n", &sb.name, "link", "set", "br0", "up"])?;
 
     // The server with its node, detached (own session) so it outlives
     // this command. It enters only the network namespace (not `ip netns
@@ -194,26 +204,16 @@ pub fn up(args: &UpArgs) -> Result<()> {
             "--node-name",
             &sb.name,
             "--node-ip",
-            &inner,
+            &node_ip,
             "--bpf-root",
             &format!("/sys/fs/bpf/{}", sb.name),
         ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("log file")?)
         .stderr(log);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&netns);
-    // SAFETY: setsid() and setns() are async-signal-safe and touch no
-    // memory of the parent; `netns` stays open until spawn returns.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 || libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    enter_on_spawn(&mut cmd, &netns);
     println!(
-        "$ (in network namespace {}) {} server --node-ip {inner} …",
+        "$ (in network namespace {}) {} server --node-ip {node_ip} …",
         sb.name,
         binary.display()
     );
@@ -263,15 +263,148 @@ pub fn up(args: &UpArgs) -> Result<()> {
             "--timeout=5s",
         ],
     )?;
+    for i in 1..args.nodes {
+        start_agent(sb, &binary, i, &inner)?;
+    }
+    for i in 1..args.nodes {
+        wait(
+            &kc,
+            &format!("node {} to be Ready", agent_name(sb, i)),
+            Duration::from_secs(60),
+            &[
+                "wait",
+                "--for=condition=Ready",
+                &format!("node/{}", agent_name(sb, i)),
+                "--timeout=5s",
+            ],
+        )?;
+    }
     kubectl(&kc, &["get", "nodes", "-o", "wide"])?;
     if !args.no_demo {
-        demo(&kc)?;
+        demo(&kc, &binary)?;
     }
     print_footer(sb);
     Ok(())
 }
 
 const DEMO: &str = include_str!("../demo/demo.yaml");
+
+/// Node `i`'s address on the nodes' bridge (the server's node is 0).
+fn node_address(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, 1 + i as u8)
+}
+
+fn agent_name(sb: &Sandbox, i: u32) -> String {
+    format!("{}-{i}", sb.name)
+}
+
+/// Makes `cmd` enter `netns` (only the network namespace: not `ip netns
+/// exec`, which remounts /sys and would hide the cgroups pods need) in a
+/// session of its own, so it outlives this command.
+fn enter_on_spawn(cmd: &mut Command, netns: &fs::File) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(netns);
+    // SAFETY: setsid() and setns() are async-signal-safe and touch no
+    // memory of the parent; `netns` stays open until spawn returns.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 || libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Agent `i`: its namespace on the bridge, then `skep agent` joining the
+/// server with the node token.
+fn start_agent(sb: &Sandbox, binary: &Path, i: u32, api_ip: &str) -> Result<()> {
+    let name = agent_name(sb, i);
+    let state = sb.state_dir();
+    let dir = state.join(format!("agent-{i}"));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::copy(state.join("server/tls/ca.crt"), dir.join("ca.crt")).context("copying the CA")?;
+    let token = fs::read_to_string(state.join("server/node-token"))
+        .context("reading the server's node token")?;
+    let outside = format!("{}-v{i}", sb.name);
+    let addr = node_address(i);
+    ip(&["netns", "add", &name])?;
+    ip(&["-n", &name, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n", &name, "link", "add", "eth0", "type", "veth", "peer", "name", &outside, "netns",
+        &sb.name,
+    ])?;
+    ip(&[
+        "-n", &sb.name, "link", "set", &outside, "master", "br0", "up",
+    ])?;
+    ip(&[
+        "-n",
+        &name,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &name,
+        "route",
+        "add",
+        "default",
+        "via",
+        &node_address(0).to_string(),
+    ])?;
+    let log =
+        fs::File::create(state.join(format!("agent-{i}.log"))).context("creating the agent log")?;
+    let netns = fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening network namespace {name}"))?;
+    let mut cmd = Command::new(binary);
+    cmd.args([
+        "agent",
+        "--server",
+        &format!("https://{api_ip}:{API_PORT}"),
+        "--token",
+        token.trim(),
+        "--data-dir",
+    ])
+    .arg(&dir)
+    .args([
+        "--node-name",
+        &name,
+        "--node-ip",
+        &addr.to_string(),
+        "--bpf-root",
+        &format!("/sys/fs/bpf/{name}"),
+    ])
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().context("log file")?)
+    .stderr(log);
+    enter_on_spawn(&mut cmd, &netns);
+    println!(
+        "$ (in network namespace {name}) {} agent --server https://{api_ip}:{API_PORT} --node-ip {addr} …",
+        binary.display()
+    );
+    let child = cmd.spawn().context("starting skep agent")?;
+    fs::write(state.join(format!("agent-{i}.pid")), child.id().to_string())
+        .context("writing the agent's pid file")?;
+    Ok(())
+}
+
+/// Agents of an earlier `up`: namespaces named `<name>-<digits>`.
+fn agent_namespaces(sb: &Sandbox) -> Vec<String> {
+    let prefix = format!("{}-", sb.name);
+    fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| {
+            n.strip_prefix(&prefix)
+                .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
 
 /// Retries a kubectl command until it succeeds or `timeout` passes.
 fn wait(kubeconfig: &Path, what: &str, timeout: Duration, args: &[&str]) -> Result<()> {
@@ -313,7 +446,7 @@ fn kubectl_output(kubeconfig: &Path, args: &[&str]) -> Result<(bool, String)> {
     Ok((out.status.success(), text))
 }
 
-fn demo(kubeconfig: &Path) -> Result<()> {
+fn demo(kubeconfig: &Path, skep: &Path) -> Result<()> {
     println!(
         "\n[up] applying the demo (Deployment of 3 `skep tools serve`, Service, client pod, NetworkPolicy)"
     );
@@ -382,17 +515,41 @@ fn demo(kubeconfig: &Path) -> Result<()> {
     if !reached {
         bail!("the client pod could not reach echo.demo.svc.cluster.local:80");
     }
+    // Each probe is a new connection, balanced over the replicas.
+    let mut replicas = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let (ok, text) = kubectl_output(kubeconfig, &probe)?;
+        if ok && let Some(who) = text.split("answered by ").nth(1) {
+            replicas.insert(who.trim().to_owned());
+        }
+    }
+    println!(
+        "[up] answered by {} different replicas: {}",
+        replicas.len(),
+        replicas.into_iter().collect::<Vec<_>>().join(", ")
+    );
     println!("\n[up] the intruder pod, which the NetworkPolicy does not allow in:");
     let mut intruder = probe;
     intruder[3] = "intruder";
     let (ok, _) = kubectl_output(kubeconfig, &intruder)?;
     if ok {
-        println!(
-            "[up] NOTE: the intruder got through: NetworkPolicy is not enforced by this build yet \
-             (it lands with the [policy] issue, together with `skep ctl flows`)"
+        bail!("the intruder pod reached the echo Service although the NetworkPolicy denies it");
+    }
+    println!("[up] denied, as the policy says");
+    println!("\n[up] the flows of the demo namespace, as the kernel reported them:");
+    let args = ["ctl", "flows", "--namespace", "demo", "--last", "12"];
+    println!("$ skep {}", args.join(" "));
+    let out = Command::new(skep)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .context("running skep ctl flows")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() || !text.contains("FORWARDED") || !text.contains("DROPPED") {
+        bail!(
+            "`skep ctl flows` should show the client's FORWARDED and the intruder's DROPPED flows"
         );
-    } else {
-        println!("[up] denied, as the policy says");
     }
     Ok(())
 }
@@ -406,17 +563,24 @@ fn print_footer(sb: &Sandbox) {
 pub fn down(sb: &Sandbox) -> Result<()> {
     util::require_root("removing the cluster's network namespace needs root")?;
     let mut pids: Vec<i32> = read_pid(&sb.pid_file()).into_iter().collect();
-    // Anything else still running inside the namespace goes too.
-    if netns_exists(&sb.name)
-        && let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &sb.name])
-            .output()
-    {
-        pids.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.trim().parse::<i32>().ok()),
-        );
+    let agents = agent_namespaces(sb);
+    for e in fs::read_dir(sb.state_dir()).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("agent-") && n.ends_with(".pid") {
+            pids.extend(read_pid(&e.path()));
+        }
+    }
+    // Anything else still running inside the namespaces goes too.
+    for ns in std::iter::once(&sb.name).chain(&agents) {
+        if netns_exists(ns)
+            && let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output()
+        {
+            pids.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
+        }
     }
     for &pid in &pids {
         if alive(pid) {
@@ -439,9 +603,23 @@ pub fn down(sb: &Sandbox) -> Result<()> {
     // namespaces of their own: stop them and remove those namespaces.
     // (The node is named after the namespace; its cgroups `skep-<node>`.)
     kill_cgroups(&format!("skep-{}", sb.name));
-    for ns in pod_namespaces(&sb.state_dir().join("server/agent/ipam.json")) {
+    let mut ipam_files = vec![sb.state_dir().join("server/agent/ipam.json")];
+    for agent in &agents {
+        kill_cgroups(&format!("skep-{agent}"));
+        if let Some(i) = agent.rsplit('-').next() {
+            ipam_files.push(sb.state_dir().join(format!("agent-{i}/ipam.json")));
+        }
+    }
+    for ns in ipam_files.iter().flat_map(|f| pod_namespaces(f)) {
         if netns_exists(&ns) {
             let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+    for agent in &agents {
+        ip(&["netns", "del", agent])?;
+        let pins = PathBuf::from(format!("/sys/fs/bpf/{agent}"));
+        if pins.exists() {
+            fs::remove_dir_all(&pins).with_context(|| format!("removing {}", pins.display()))?;
         }
     }
     if netns_exists(&sb.name) {
@@ -467,6 +645,7 @@ pub fn down(sb: &Sandbox) -> Result<()> {
     }
     let leftovers: Vec<String> = [
         netns_exists(&sb.name).then(|| format!("network namespace {}", sb.name)),
+        (!agent_namespaces(sb).is_empty()).then(|| "agent network namespaces".to_string()),
         link_exists(&sb.host_link()).then(|| format!("link {}", sb.host_link())),
         pids.iter()
             .any(|&p| alive(p))

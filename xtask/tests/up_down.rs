@@ -60,8 +60,9 @@ fn up_then_down_leaves_nothing_and_up_works_again() {
         name: format!("skt{}", std::process::id() % 100_000),
     };
     let bin = skep_binary();
-    for round in 0..2 {
-        let out = cluster.xtask("up", &["--binary", bin.to_str().unwrap()]);
+    // One node first, then a server and an agent.
+    for (round, nodes) in [(0, "1"), (1, "2")] {
+        let out = cluster.xtask("up", &["--binary", bin.to_str().unwrap(), "--nodes", nodes]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -81,6 +82,26 @@ fn up_then_down_leaves_nothing_and_up_works_again() {
         assert!(
             stdout.contains("OK Http echo.demo.svc.cluster.local:80 answered by echo-"),
             "the client pod reached the echo Service by name:\n{stdout}"
+        );
+        // The NetworkPolicy denied the intruder and the flows show both
+        // verdicts (`up` fails otherwise; the output says so too).
+        assert!(
+            stdout.contains("denied, as the policy says"),
+            "the intruder was denied:\n{stdout}"
+        );
+        assert!(
+            stdout.contains("FORWARDED") && stdout.contains("DROPPED"),
+            "skep ctl flows showed both verdicts:\n{stdout}"
+        );
+        let ready = Command::new("kubectl")
+            .args(["--kubeconfig", &kc, "get", "nodes", "--no-headers"])
+            .output()
+            .unwrap();
+        let ready = String::from_utf8_lossy(&ready.stdout);
+        assert_eq!(
+            ready.lines().filter(|l| l.contains(" Ready ")).count(),
+            nodes.parse::<usize>().unwrap(),
+            "every node Ready:\n{ready}"
         );
         // Plain kubectl from the host (this test runs in the root netns).
         let get = Command::new("kubectl")
@@ -120,6 +141,24 @@ fn up_then_down_leaves_nothing_and_up_works_again() {
                 .exists(),
             "veth left behind"
         );
+        assert!(
+            !Path::new("/run/netns")
+                .join(format!("{}-1", cluster.name))
+                .exists(),
+            "agent namespace left behind"
+        );
+        for pins in [cluster.name.clone(), format!("{}-1", cluster.name)] {
+            assert!(
+                !Path::new("/sys/fs/bpf").join(&pins).exists(),
+                "pinned maps/links left behind in /sys/fs/bpf/{pins}"
+            );
+            assert!(
+                !Path::new("/sys/fs/cgroup/memory")
+                    .join(format!("skep-{pins}"))
+                    .exists(),
+                "cgroups left behind: skep-{pins}"
+            );
+        }
         assert!(
             !cluster.state.path().join("up").exists(),
             "state left behind"

@@ -138,6 +138,18 @@ pub fn apply(group: &str, plural: &str, object: &mut Value) {
         }
         ("", "namespaces") => {
             if let Some(m) = obj(object) {
+                // Upstream always sets this label to the name (so policies
+                // can select a namespace by name); a client cannot change it.
+                if let Some(name) = m
+                    .get("metadata")
+                    .and_then(|md| md.get("name"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    && let Some(md) = child(m, "metadata")
+                    && let Some(labels) = child(md, "labels")
+                {
+                    labels.insert("kubernetes.io/metadata.name".into(), json!(name));
+                }
                 if let Some(spec) = child(m, "spec") {
                     default_field(spec, "finalizers", json!(["kubernetes"]));
                 }
@@ -255,6 +267,48 @@ pub fn apply(group: &str, plural: &str, object: &mut Value) {
             default_field(spec, "successfulJobsHistoryLimit", json!(3));
             default_field(spec, "failedJobsHistoryLimit", json!(1));
         }
+        ("networking.k8s.io", "networkpolicies") => {
+            let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) else {
+                return;
+            };
+            // Upstream's defaulting: Ingress always, Egress when the policy
+            // has egress rules; each port's protocol TCP.
+            let has_types = spec
+                .get("policyTypes")
+                .and_then(Value::as_array)
+                .is_some_and(|t| !t.is_empty());
+            if !has_types {
+                let egress = spec
+                    .get("egress")
+                    .and_then(Value::as_array)
+                    .is_some_and(|e| !e.is_empty());
+                let types = if egress {
+                    json!(["Ingress", "Egress"])
+                } else {
+                    json!(["Ingress"])
+                };
+                spec.insert("policyTypes".into(), types);
+            }
+            for dir in ["ingress", "egress"] {
+                for rule in spec
+                    .get_mut(dir)
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    for port in rule
+                        .get_mut("ports")
+                        .and_then(Value::as_array_mut)
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(port) = obj(port) {
+                            default_field(port, "protocol", json!("TCP"));
+                        }
+                    }
+                }
+            }
+        }
         ("", "secrets") => {
             if let Some(m) = obj(object) {
                 default_field(m, "type", json!("Opaque"));
@@ -281,6 +335,37 @@ pub fn apply(group: &str, plural: &str, object: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespaces_are_labelled_with_their_name() {
+        let mut ns =
+            json!({"metadata": {"name": "team-a", "labels": {"kubernetes.io/metadata.name": "x"}}});
+        apply("", "namespaces", &mut ns);
+        assert_eq!(
+            ns["metadata"]["labels"]["kubernetes.io/metadata.name"],
+            "team-a"
+        );
+        let mut bare = json!({"metadata": {"name": "b"}});
+        apply("", "namespaces", &mut bare);
+        assert_eq!(
+            bare["metadata"]["labels"]["kubernetes.io/metadata.name"],
+            "b"
+        );
+    }
+
+    #[test]
+    fn network_policy_types_and_protocols_default_like_upstream() {
+        let mut p = json!({"spec": {"podSelector": {}, "egress": [{"ports": [{"port": 53}]}]}});
+        apply("networking.k8s.io", "networkpolicies", &mut p);
+        assert_eq!(p["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(p["spec"]["egress"][0]["ports"][0]["protocol"], "TCP");
+        let mut q = json!({"spec": {"podSelector": {}, "egress": []}});
+        apply("networking.k8s.io", "networkpolicies", &mut q);
+        assert_eq!(q["spec"]["policyTypes"], json!(["Ingress"]));
+        let mut r = json!({"spec": {"podSelector": {}, "policyTypes": ["Egress"]}});
+        apply("networking.k8s.io", "networkpolicies", &mut r);
+        assert_eq!(r["spec"]["policyTypes"], json!(["Egress"]));
+    }
 
     #[test]
     fn pod_defaults() {

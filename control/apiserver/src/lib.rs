@@ -12,6 +12,7 @@ pub mod api;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
+pub mod flows_relay;
 pub mod lifecycle;
 pub mod node_proxy;
 pub mod objects;

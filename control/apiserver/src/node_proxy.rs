@@ -57,7 +57,7 @@ impl std::fmt::Debug for NodeProxy {
 /// self-signed certificates. The handshake signatures are still checked,
 /// and the kubelet authenticates us by our client certificate.
 #[derive(Debug)]
-struct AnyKubeletCert(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AnyKubeletCert(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
 impl rustls::client::danger::ServerCertVerifier for AnyKubeletCert {
     fn verify_server_cert(

@@ -22,6 +22,8 @@ pub enum Route {
     },
     OpenApiV2,
     OpenApiV3(Option<String>),
+    /// `/skep/v1/flows`: the flow relay (`flows_relay`).
+    Flows,
     Resource(ResourceRoute),
 }
 
@@ -46,6 +48,7 @@ pub fn parse(path: &str, registry: &Registry) -> Option<Route> {
         ["readyz"] | ["readyz", ..] => return Some(Route::Health("readyz")),
         ["version"] => return Some(Route::Version),
         ["metrics"] => return Some(Route::Metrics),
+        ["skep", "v1", "flows"] => return Some(Route::Flows),
         ["openapi", "v2"] => return Some(Route::OpenApiV2),
         ["openapi", "v3"] => return Some(Route::OpenApiV3(None)),
         ["openapi", "v3", rest @ ..] => return Some(Route::OpenApiV3(Some(rest.join("/")))),

@@ -3,7 +3,7 @@
 
 use crate::{
     api::{self, Api, PatchType, Query},
-    discovery, lifecycle, node_proxy, objects, openapi,
+    discovery, flows_relay, lifecycle, node_proxy, objects, openapi,
     pki::{self, Credentials},
     rbac, reviews,
     routes::{self, ResourceRoute, Route},
@@ -124,6 +124,7 @@ struct State {
     signer: Arc<tokens::Signer>,
     openapi: openapi::Cache,
     node_proxy: node_proxy::NodeProxy,
+    flows_relay: flows_relay::FlowsRelay,
 }
 
 impl State {
@@ -493,6 +494,7 @@ pub async fn serve(
         signer,
         openapi: openapi::Cache::default(),
         node_proxy: node_proxy::NodeProxy::new(&credentials).map_err(ServeError::Tls)?,
+        flows_relay: flows_relay::FlowsRelay::new(&credentials).map_err(ServeError::Tls)?,
     });
     tracing::info!(%local_addr, kubeconfig = %credentials.kubeconfig_path.display(), "API server listening");
     let task = tokio::spawn(async move {
@@ -638,10 +640,15 @@ async fn handle(
                     path: Some(path.clone()),
                     ..Default::default()
                 };
-                let resp = if public || state.authorizer.authorize(&user, &attrs).0 {
-                    non_resource(&state, &req, other)
-                } else {
+                let resp = if !public && !state.authorizer.authorize(&user, &attrs).0 {
                     error_response(&forbidden(&user, &attrs))
+                } else if matches!(other, Route::Flows) {
+                    match state.flows_relay.handle(&state.api, &query).await {
+                        Ok(resp) => resp,
+                        Err(e) => error_response(&e),
+                    }
+                } else {
+                    non_resource(&state, &req, other)
                 };
                 (resp, "get", String::new())
             }
@@ -734,7 +741,7 @@ fn non_resource(state: &State, req: &Request<Incoming>, route: Route) -> Respons
             &crate::openapi_v2::document_json(registry),
             "application/json",
         ),
-        Route::Resource(_) => error_response(&ApiError::NoRoute),
+        Route::Resource(_) | Route::Flows => error_response(&ApiError::NoRoute),
     }
 }
 

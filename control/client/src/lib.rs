@@ -224,6 +224,27 @@ impl Client {
         decode(status, &bytes, &format!("{method} {path}"))
     }
 
+    /// A GET whose answer is text (pod logs); a non-2xx answer is decoded
+    /// as the server's `Status`.
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let resp = self.send(Method::GET, path, None, "", "*/*").await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport {
+                method: "GET".into(),
+                path: path.to_owned(),
+                detail: format!("reading the response: {e}"),
+            })?
+            .to_bytes();
+        if !status.is_success() {
+            return decode(status, &bytes, &format!("GET {path}")).map(|_| String::new());
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.request(Method::GET, path, None, "application/json")
             .await

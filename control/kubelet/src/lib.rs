@@ -9,18 +9,26 @@
 //!   and namespace plumbing + the load balancer's hooks on each pod).
 //! - `services`: Services and EndpointSlices → the eBPF load balancer.
 //! - `server`: the kubelet's HTTPS endpoint for logs/exec/attach/port-forward.
+//! - `flows`: the flow observer (gRPC, for the API server's relay) and the
+//!   flow counters.
+//! - `policy`: NetworkPolicy → identities, ipcache and allow rules in the
+//!   kernel's policy maps.
 
+pub mod flows;
 pub mod ipam;
 mod json;
+pub mod masquerade;
 pub mod network;
 pub mod node;
 pub mod pods;
+pub mod policy;
 pub mod probe;
 pub mod routes;
 pub mod runtime;
 pub mod server;
 pub mod services;
 pub mod streams;
+pub mod xdp;
 
 use serde_json::json;
 use skep_client::Client;
@@ -63,6 +71,12 @@ pub struct AgentConfig {
     pub runtime: RuntimeKind,
     /// Port of the kubelet endpoint (logs/exec/port-forward).
     pub kubelet_port: u16,
+    /// Port of the flow observer (gRPC, TLS, API server only; 0 picks a
+    /// free port); advertised in the Node annotation `skep.io/flows-port`.
+    pub flows_port: u16,
+    /// Plain-HTTP listener for the flow counters (`GET /metrics`); `None`:
+    /// not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The cluster DNS service address written into pods' resolv.conf.
     pub cluster_dns: std::net::IpAddr,
     pub cluster_domain: String,
@@ -74,6 +88,9 @@ pub struct AgentConfig {
     pub shim_exe: Option<std::path::PathBuf>,
     /// Docker's API socket (with `RuntimeKind::Docker`).
     pub docker_socket: Option<std::path::PathBuf>,
+    /// Attach the NetworkPolicy early drop (XDP) to the interface holding
+    /// `node_ip` (with the dataplane).
+    pub xdp_policy: bool,
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -196,7 +213,20 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!(node = %cfg.node_name, "node registered");
     let (cidr_ip, cidr_len) = pod_cidr(&client, &cfg.node_name).await?;
+    if cfg.bpf_root.is_some() {
+        // Pods' traffic leaving the cluster goes out with the node address.
+        match masquerade::install((cidr_ip, cidr_len)) {
+            Ok(()) => {
+                tracing::info!(pod_cidr = %format!("{cidr_ip}/{cidr_len}"), "pod egress masqueraded")
+            }
+            Err(e) => tracing::warn!(error = %e, "pods cannot reach addresses outside the cluster"),
+        }
+    }
     let mut lb: Option<network::SharedLb> = None;
+    // The names behind the numbers of the applied NetworkPolicy state (for
+    // the flows service); `None` without a dataplane.
+    let mut policy_snapshots: Option<tokio::sync::watch::Receiver<Arc<policy::PolicySnapshot>>> =
+        None;
     if let Some(root) = &cfg.bpf_root {
         let settings = skep_dataplane::lb::LbSettings {
             pin_root: root.clone(),
@@ -214,6 +244,28 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
                     cfg.node_name.clone(),
                 ));
                 lb = Some(shared);
+                // NetworkPolicy: its maps are pinned by the loader above.
+                match skep_dataplane::policy::KernelPolicy::open(root) {
+                    Ok(k) => {
+                        policy_snapshots = Some(policy::spawn(
+                            client.clone(),
+                            cfg.node_name.clone(),
+                            Box::new(k),
+                        ));
+                        // The early drop needs the policy maps above; the
+                        // pod hooks enforce without it.
+                        if cfg.xdp_policy {
+                            xdp::attach_external(root, &cfg.node_ip);
+                        } else {
+                            xdp::detach_external(root, &cfg.node_ip);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "network policy could not start; policies will not be enforced on this node");
+                        health.dataplane_error =
+                            Some(format!("network policy could not start: {e}"));
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "the service load balancer could not start; services will not be programmed on this node");
@@ -221,9 +273,20 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
             }
         }
     }
+    // The flows service reads the kernel's flow events (once per node: the
+    // ring buffer has one consumer) when the dataplane runs.
+    let flow_input = match cfg.bpf_root.as_deref() {
+        Some(root) if health.dataplane_error.is_none() => flows::kernel_flows(root)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "flow events cannot be read; `skep ctl flows` will show none from this node");
+                tokio::sync::mpsc::channel(1).1
+            }),
+        _ => tokio::sync::mpsc::channel(1).1,
+    };
     let ipam = ipam::Ipam::open(cfg.data_dir.join("ipam.json"), cidr_ip, cidr_len)
         .map_err(|e| AgentError::Setup(e.to_string()))?;
-    let net = Arc::new(network::NodeNetwork::new(ipam, lb, 1500));
+    let net =
+        Arc::new(network::NodeNetwork::new(ipam, lb, 1500).with_node_ip(cfg.node_ip.parse().ok()));
     let node_ip: std::net::IpAddr = cfg.node_ip.parse().map_err(|_| {
         AgentError::Setup(format!("--node-ip {:?} is not an IP address", cfg.node_ip))
     })?;
@@ -258,6 +321,11 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
     // Advertise the port actually bound (`--kubelet-port 0` picks one).
     let mut cfg = cfg;
     cfg.kubelet_port = _kubelet.local_addr().port();
+    // Names for the flows: the policy state's, else (no dataplane) none.
+    let snapshots =
+        policy_snapshots.unwrap_or_else(|| tokio::sync::watch::channel(Arc::default()).1);
+    // Binds, sets `cfg.flows_port` to the bound port and advertises it.
+    let _flows = flows::start(&client, &mut cfg, flow_input, snapshots).await;
     if let Err(e) = heartbeat(&client, &cfg, &health.node_health().await).await {
         tracing::warn!(node = %cfg.node_name, error = %e, "posting the node status failed; retrying with the heartbeat");
     }

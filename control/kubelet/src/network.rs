@@ -26,6 +26,8 @@ pub struct NodeNetwork {
     /// TCX kernels: attaches pod hooks without the load balancer's lock.
     hooks: Option<Arc<skep_dataplane::lb::PodHooks>>,
     mtu: u32,
+    /// The node address: source of the node's own packets to pods.
+    node_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl std::fmt::Debug for NodeNetwork {
@@ -96,7 +98,15 @@ impl NodeNetwork {
             lb,
             hooks,
             mtu,
+            node_ip: None,
         }
+    }
+
+    /// Makes the node's own packets to pods come from `ip` (see
+    /// `PodNetSpec::host_src`).
+    pub fn with_node_ip(mut self, ip: Option<std::net::Ipv4Addr>) -> Self {
+        self.node_ip = ip;
+        self
     }
 
     async fn allocate(&self, pod_uid: &str) -> Result<std::net::Ipv4Addr, String> {
@@ -130,9 +140,11 @@ impl PodNetwork for NodeNetwork {
     async fn setup(&self, pod_uid: &str) -> Result<PodNetInfo, String> {
         let ip = self.allocate(pod_uid).await?;
         let t0 = std::time::Instant::now();
-        let net = podnet::setup(&podnet::PodNetSpec::new(pod_uid, ip, self.mtu))
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut spec = podnet::PodNetSpec::new(pod_uid, ip, self.mtu);
+        if let Some(src) = self.node_ip {
+            spec = spec.with_host_source(src);
+        }
+        let net = podnet::setup(&spec).await.map_err(|e| e.to_string())?;
         let t1 = std::time::Instant::now();
         if let Some(hooks) = &self.hooks {
             let (hooks, veth) = (hooks.clone(), net.host_veth.clone());

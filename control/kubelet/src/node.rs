@@ -112,8 +112,15 @@ pub async fn register(
             for (k, v) in &cfg.labels {
                 labels.insert(k.clone(), json!(v));
             }
+            let mut annotations = serde_json::Map::new();
+            if cfg.flows_port != 0 {
+                annotations.insert(
+                    crate::flows::FLOWS_PORT_ANNOTATION.into(),
+                    json!(cfg.flows_port.to_string()),
+                );
+            }
             let node = json!({"apiVersion": "v1", "kind": "Node",
-                              "metadata": {"name": cfg.node_name, "labels": labels}, "spec": {}});
+                              "metadata": {"name": cfg.node_name, "labels": labels, "annotations": annotations}, "spec": {}});
             match client.create("/api/v1/nodes", &node).await {
                 Ok(_) => {}
                 Err(e) if e.is_conflict() => {}
@@ -126,6 +133,23 @@ pub async fn register(
         .merge_patch(
             &format!("{path}/status"),
             &json!({"status": status(cfg, health)}),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Advertises the flow observer's port in the Node annotation the API
+/// server's flow relay reads; `None` removes it (no observer here).
+pub async fn advertise_flows_port(
+    client: &Client,
+    node_name: &str,
+    port: Option<u16>,
+) -> Result<(), AgentError> {
+    let value = port.map_or(Value::Null, |p| json!(p.to_string()));
+    client
+        .merge_patch(
+            &format!("/api/v1/nodes/{node_name}"),
+            &json!({"metadata": {"annotations": {crate::flows::FLOWS_PORT_ANNOTATION: value}}}),
         )
         .await?;
     Ok(())

@@ -53,12 +53,41 @@ pub struct NodeArgs {
     /// port-forward.
     #[arg(long, env = "SKEP_KUBELET_PORT", default_value_t = 10250)]
     pub kubelet_port: u16,
+    /// Port of the flow observer (gRPC over TLS; only the apiserver reads
+    /// it, for `skep ctl flows`); 0 picks a free port.
+    #[arg(long, env = "SKEP_FLOWS_PORT", default_value_t = skep_kubelet::flows::DEFAULT_FLOWS_PORT)]
+    pub flows_port: u16,
+    /// Plain-HTTP listener for the flow counters (`GET /metrics`,
+    /// Prometheus text: skep_flows_total); `off` disables it.
+    #[arg(long, env = "SKEP_METRICS_LISTEN", default_value = "127.0.0.1:9962")]
+    pub metrics_listen: MetricsListen,
     /// The cluster DNS address pods get in resolv.conf.
     #[arg(long, env = "SKEP_CLUSTER_DNS", default_value = "10.43.0.10")]
     pub cluster_dns: std::net::IpAddr,
     /// The cluster domain.
     #[arg(long, env = "SKEP_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Do not attach the NetworkPolicy early drop (XDP) to the interface
+    /// holding the node IP; the pod hooks enforce policy either way.
+    #[arg(long)]
+    pub no_xdp_policy: bool,
+}
+
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("{s:?} is not an address with a port (127.0.0.1:9962) or \"off\""))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,11 +118,14 @@ impl NodeArgs {
                 RuntimeArg::Docker => skep_kubelet::RuntimeKind::Docker,
             },
             kubelet_port: self.kubelet_port,
+            flows_port: self.flows_port,
+            metrics_listen: self.metrics_listen.0,
             cluster_dns: self.cluster_dns,
             cluster_domain: self.cluster_domain.clone(),
             ca_pem,
             shim_exe: None,
             docker_socket: Some(self.docker_socket.clone()),
+            xdp_policy: !self.no_xdp_policy,
         }
     }
 }

@@ -60,6 +60,15 @@ enum CtlCommand {
     },
     /// Summary of the cluster: API health, version, nodes.
     Status,
+    /// Deploy test pods in a temporary namespace and check pod-to-pod,
+    /// pod-to-Service, DNS and a NetworkPolicy (like `cilium connectivity test`).
+    ConnectivityTest(crate::ctl_connectivity::ConnectivityArgs),
+    /// The effective NetworkPolicy of a pod: its identity, whether it is
+    /// isolated, and each allowed peer and port with the policies behind it.
+    Policy(crate::ctl_policy::PolicyArgs),
+    /// Flows the kernel reported on every node (new connections and drops,
+    /// with verdict, reason and policy), like `hubble observe`.
+    Flows(crate::ctl_flows::FlowsArgs),
     /// The dataplane's view of services on this node, read from the pinned
     /// eBPF maps (works while the agent is down; needs root).
     Svc {
@@ -73,7 +82,7 @@ enum CtlCommand {
 
 /// One resource as discovery describes it.
 #[derive(Debug, Clone)]
-struct Resource {
+pub(crate) struct Resource {
     group: String,
     version: String,
     plural: String,
@@ -99,7 +108,7 @@ impl Resource {
     }
 }
 
-async fn discover(client: &Client) -> Result<Vec<Resource>> {
+pub(crate) async fn discover(client: &Client) -> Result<Vec<Resource>> {
     const ACCEPT: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
     let mut out = Vec::new();
     for path in ["/api", "/apis"] {
@@ -178,6 +187,77 @@ fn by_kind<'a>(resources: &'a [Resource], api_version: &str, kind: &str) -> Resu
         })
 }
 
+/// Server-side applies each document (as field manager `skep-ctl`);
+/// documents without a namespace go to `namespace`. Returns each object
+/// (`kind/name`) with its outcome, in order; one failure does not stop
+/// the others.
+pub(crate) async fn apply_docs(
+    client: &Client,
+    resources: &[Resource],
+    docs: Vec<Value>,
+    namespace: &str,
+) -> Vec<(String, Result<()>)> {
+    let mut out = Vec::new();
+    for doc in docs {
+        let av = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let what = format!("{}/{name}", kind.to_lowercase());
+        if av.is_empty() || kind.is_empty() || name.is_empty() {
+            out.push((
+                what,
+                Err(anyhow::anyhow!(
+                    "every document needs apiVersion, kind and metadata.name"
+                )),
+            ));
+            continue;
+        }
+        let r = match by_kind(resources, av, kind) {
+            Ok(r) => r,
+            Err(e) => {
+                out.push((what, Err(e)));
+                continue;
+            }
+        };
+        let ns = doc
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or(namespace);
+        let path = format!("{}/{name}", r.collection(Some(ns)));
+        let result = client
+            .apply(&path, &doc, "skep-ctl")
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from);
+        out.push((what, result));
+    }
+    out
+}
+
+/// The documents of one YAML/JSON text (multi-document YAML allowed;
+/// a `List` is expanded to its items).
+pub(crate) fn parse_docs(text: &str, source: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let v = Value::deserialize(doc)
+            .with_context(|| format!("{source}: document {} is not valid YAML", i + 1))?;
+        if v.get("kind").and_then(Value::as_str) == Some("List") {
+            docs.extend(
+                v.get("items")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+        } else if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
 fn read_docs(files: &[String]) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
     for f in files {
@@ -190,13 +270,7 @@ fn read_docs(files: &[String]) -> Result<Vec<Value>> {
         } else {
             std::fs::read_to_string(f).with_context(|| format!("reading {f}"))?
         };
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let v = Value::deserialize(doc)
-                .with_context(|| format!("{f}: document {} is not valid YAML", i + 1))?;
-            if !v.is_null() {
-                docs.push(v);
-            }
-        }
+        docs.extend(parse_docs(&text, f)?);
     }
     Ok(docs)
 }
@@ -376,11 +450,23 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")))
         .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG")?;
     let kc = skep_client::Kubeconfig::load(&path)?;
+    let explicit_namespace = args.namespace.clone();
     let namespace = args.namespace.clone().unwrap_or(kc.namespace.clone());
     let client = Client::new(&kc.server, &kc.ca_pem, kc.auth)?;
     match args.command {
         CtlCommand::Svc { .. } => Ok(()),
         CtlCommand::Status => status(&client).await,
+        CtlCommand::ConnectivityTest(a) => crate::ctl_connectivity::run(&client, a).await,
+        CtlCommand::Flows(mut a) => {
+            // Only an explicit -n filters flows; the kubeconfig's default
+            // namespace would hide every other namespace's flows.
+            a.namespace = explicit_namespace;
+            crate::ctl_flows::run(&client, a).await
+        }
+        CtlCommand::Policy(mut a) => {
+            a.namespace = Some(namespace.clone());
+            crate::ctl_policy::run(&client, a).await
+        }
         CtlCommand::Get {
             resource,
             name,
@@ -450,27 +536,13 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         }
         CtlCommand::Apply { files } => {
             let resources = discover(&client).await?;
+            let results = apply_docs(&client, &resources, read_docs(&files)?, &namespace).await;
             let mut failed = 0;
-            for doc in read_docs(&files)? {
-                let av = doc.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-                let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
-                let name = doc
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if av.is_empty() || kind.is_empty() || name.is_empty() {
-                    bail!("every document needs apiVersion, kind and metadata.name");
-                }
-                let r = by_kind(&resources, av, kind)?;
-                let ns = doc
-                    .pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    .unwrap_or(&namespace);
-                let path = format!("{}/{name}", r.collection(Some(ns)));
-                match client.apply(&path, &doc, "skep-ctl").await {
-                    Ok(_) => println!("{}/{name} applied", kind.to_lowercase()),
+            for (what, result) in results {
+                match result {
+                    Ok(()) => println!("{what} applied"),
                     Err(e) => {
-                        eprintln!("{}/{name}: {e}", kind.to_lowercase());
+                        eprintln!("{what}: {e:#}");
                         failed += 1;
                     }
                 }

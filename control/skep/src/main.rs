@@ -1,8 +1,15 @@
 //! The `skep` binary: every role of a skep cluster in one executable.
 
 mod agent;
+mod bootstrap;
 mod ctl;
+mod ctl_connectivity;
+// TODO(lead): drop the allow once ctl.rs dispatches `ctl flows`.
+mod ctl_flows;
+// TODO(lead): drop the allow once ctl.rs dispatches `ctl policy`.
+mod ctl_policy;
 mod kube_dns;
+mod manifests;
 mod server;
 mod tools;
 

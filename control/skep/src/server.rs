@@ -99,15 +99,17 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         }
         None => None,
     };
+    crate::bootstrap::before_start(store.as_ref(), &args.data_dir).await?;
     let handle = skep_apiserver::serve(
         skep_apiserver::ServerConfig {
             listen: args.api_listen,
             data_dir: args.data_dir.clone(),
             extra_sans: args.tls_sans.clone(),
         },
-        store,
+        store.clone(),
     )
     .await?;
+    crate::bootstrap::after_start(store.as_ref(), &args.data_dir).await?;
     // The scheduler and controllers, in process on the same `Api` (every
     // write validated and defaulted as a client's); a Lease elects the one
     // active set when several servers share a store.
@@ -118,6 +120,24 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             ..Default::default()
         },
     );
+    // Auto-applied manifests (DATA_DIR/manifests), through the API with
+    // the admin's credentials like any client.
+    let manifests_dir = args.data_dir.join("manifests");
+    std::fs::create_dir_all(&manifests_dir)
+        .with_context(|| format!("creating {}", manifests_dir.display()))?;
+    let admin = {
+        let port = handle.local_addr.port();
+        let host = if handle.local_addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            handle.local_addr.ip().to_string()
+        };
+        skep_client::Client::new(
+            &format!("https://{host}:{port}"),
+            handle.credentials.ca_cert_pem.as_bytes(),
+            skep_client::Auth::Token(handle.credentials.admin_token.clone()),
+        )?
+    };
     // The server's own node, unless --no-agent: the agent talks to this
     // API over loopback with the node join token, as a remote agent would.
     let _agent = if args.no_agent {
@@ -146,9 +166,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         if let Some(dns) = &_dns {
             // The port actually bound (the flag may say :0).
             let port = dns.local_addr().port();
-            crate::kube_dns::ensure(&handle.api, &node_ip, port, args.node.cluster_dns)
-                .await
-                .context("creating the kube-dns Service")?;
+            let file = manifests_dir.join(crate::kube_dns::MANIFEST);
+            let doc = crate::kube_dns::manifest(&node_ip, port, args.node.cluster_dns);
+            std::fs::write(&file, serde_json::to_vec_pretty(&doc)?)
+                .with_context(|| format!("writing {}", file.display()))?;
         }
         let cfg = args.node.config(
             crate::agent::node_name(args.node_name.clone()),
@@ -167,6 +188,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             }
         }))
     };
+    // After the add-ons are written, so the first pass applies them.
+    let _manifests = crate::manifests::spawn(admin, manifests_dir);
     eprintln!(
         "skep server ready on https://{}; export KUBECONFIG={}",
         handle.local_addr,

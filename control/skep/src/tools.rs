@@ -56,6 +56,13 @@ pub struct ProbeArgs {
     /// How long to wait for the answer (e.g. 500ms, 2s).
     #[arg(long, default_value = "2s", value_parser = parse_timeout)]
     timeout: Duration,
+    /// Attempts before giving up (one per timeout, 500 ms apart).
+    #[arg(long, default_value_t = 1)]
+    tries: u32,
+    /// Succeed when the peer does NOT answer (checks that a policy denies);
+    /// the name must still resolve.
+    #[arg(long)]
+    expect_fail: bool,
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -90,9 +97,35 @@ pub fn run(tools: Tools) -> Result<()> {
     match tools {
         Tools::Serve(args) => serve(args),
         Tools::Probe(args) => {
-            let ok = probe(&args)?;
-            if !ok {
+            if args.expect_fail {
+                // A name that does not resolve is a failure of the check,
+                // not a denial.
+                resolve(&args.target)?;
+            }
+            let mut answered = false;
+            for attempt in 0..args.tries.max(1) {
+                if attempt > 0 {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                answered = probe(&args)?;
+                if answered {
+                    break;
+                }
+            }
+            if answered == args.expect_fail {
+                if args.expect_fail {
+                    println!(
+                        "FAIL {:?} {}: answered, expected no answer",
+                        args.proto, args.target
+                    );
+                }
                 std::process::exit(1);
+            }
+            if args.expect_fail {
+                println!(
+                    "OK {:?} {}: no answer, as expected",
+                    args.proto, args.target
+                );
             }
             Ok(())
         }

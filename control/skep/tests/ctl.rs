@@ -104,3 +104,59 @@ fn ctl_applies_gets_and_deletes() {
     let (ok, _, _) = ctl(&s, &["-n", "ctl", "get", "cm", "settings"]);
     assert!(!ok, "the object is gone");
 }
+
+/// Files in DATA_DIR/manifests are applied at start and when they change;
+/// a broken file is reported in the log and does not stop the others.
+#[test]
+fn manifests_directory_is_applied_at_start_and_on_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("10-app.yaml"), MANIFEST).unwrap();
+    std::fs::write(manifests.join("20-broken.yaml"), "kind: [unclosed").unwrap();
+    std::fs::write(manifests.join("notes.txt"), "not a manifest").unwrap();
+    let s = Server::start_in(dir, &["--no-agent"]);
+    let get = |what: &str| {
+        s.kubectl(
+            "1.33",
+            &["-n", "ctl", "get", what, "-o", "jsonpath={.data.color}"],
+        )
+    };
+    let wait = |want: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let out = get("configmap/settings");
+            if String::from_utf8_lossy(&out.stdout) == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "configmap color never became {want:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                s.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait("blue");
+    assert!(
+        s.k(
+            "1.33",
+            &["-n", "ctl", "get", "service", "web", "-o", "name"]
+        )
+        .contains("service/web"),
+        "every object of the file is applied"
+    );
+    // A change to the file is applied again.
+    std::fs::write(
+        s.dir.path().join("manifests/10-app.yaml"),
+        MANIFEST.replace("color: blue", "color: green"),
+    )
+    .unwrap();
+    wait("green");
+    let log = s.log();
+    assert!(
+        log.contains("20-broken.yaml") && log.contains("not applied"),
+        "the broken file is named in the log:\n{log}"
+    );
+}

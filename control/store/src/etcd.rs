@@ -84,6 +84,9 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 /// Pause before re-sending a request that an endpoint refused.
 const REFUSED_RETRY_DELAY: Duration = Duration::from_millis(20);
+/// How long requests wait out an etcd leader election (etcd's default
+/// election timeout is 1 s; several rounds may be needed).
+const ELECTION_RETRY_FOR: Duration = Duration::from_secs(8);
 /// Events buffered per watch before etcd's stream is back-pressured.
 const WATCH_BUFFER: usize = 1024;
 /// A key no skep object uses: targets of requests that only want the
@@ -309,15 +312,52 @@ impl Kv {
         }
     }
 
+    /// Like [`Kv::retry`], and also through a leader election (etcd
+    /// answers Unavailable until a new leader is elected, about a second
+    /// after the old one is lost). Returns whether a transient error was
+    /// retried, since a write may then have been applied by the failed
+    /// attempt.
+    async fn retry_transient<T, F, Fut>(&self, mut op: F) -> (EtcdResult<T>, bool)
+    where
+        F: FnMut(KvClient) -> Fut,
+        Fut: Future<Output = EtcdResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + ELECTION_RETRY_FOR;
+        let mut delay = Duration::from_millis(50);
+        let mut retried = false;
+        loop {
+            match self.retry(&mut op).await {
+                Err(e) if transient(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %describe(&e), "etcd busy electing a leader; retrying");
+                    retried = true;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                result => return (result, retried),
+            }
+        }
+    }
+
     async fn get(
         &self,
         key: impl Into<Vec<u8>>,
         opts: Option<GetOptions>,
     ) -> EtcdResult<GetResponse> {
         let key = key.into();
-        self.retry(|mut c| {
+        self.retry_transient(|mut c| {
             let (key, opts) = (key.clone(), opts.clone());
             async move { c.get(key, opts).await }
+        })
+        .await
+        .0
+    }
+
+    /// A conditional write, retried through leader elections; `true` when
+    /// an attempt failed ambiguously first (see [`Kv::retry_transient`]).
+    async fn txn_write(&self, txn: Txn) -> (EtcdResult<TxnResponse>, bool) {
+        self.retry_transient(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
         })
         .await
     }
@@ -348,6 +388,19 @@ impl Kv {
             async move { c.compact(revision, opts).await }
         })
         .await
+    }
+}
+
+/// Errors etcd gives while it has no leader (member lost, election under
+/// way): the request may be retried once a leader is elected.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable
+                || status.message().contains("leader changed")
+                || status.message().contains("no leader")
+        }
+        _ => false,
     }
 }
 
@@ -512,8 +565,17 @@ impl Store for EtcdStore {
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value.to_vec(), None)]);
-        let resp = self.kv().txn(txn).await.map_err(|e| etcd_error(&e))?;
+        let (resp, retried) = self.kv().txn_write(txn).await;
+        let resp = resp.map_err(|e| etcd_error(&e))?;
         if !resp.succeeded() {
+            // After an ambiguous failure the first attempt may be what
+            // exists now: the stored bytes tell (objects carry a fresh uid).
+            if retried
+                && let Some(kv) = self.get(key).await?
+                && kv.value == value
+            {
+                return Ok(kv);
+            }
             return Err(StoreError::AlreadyExists {
                 key: key.to_owned(),
             });
@@ -539,8 +601,16 @@ impl Store for EtcdStore {
                 TxnOp::get(key, keys_only()),
             ])
             .or_else([TxnOp::get(key, keys_only())]);
-        let resp = self.kv().txn(txn).await.map_err(|e| etcd_error(&e))?;
+        let (resp, retried) = self.kv().txn_write(txn).await;
+        let resp = resp.map_err(|e| etcd_error(&e))?;
         if !resp.succeeded() {
+            // As in create: our own earlier attempt may have won.
+            if retried
+                && let Some(kv) = self.get(key).await?
+                && kv.value == value
+            {
+                return Ok(kv);
+            }
             return Err(match failed_read(resp.op_responses()) {
                 None => StoreError::NotFound {
                     key: key.to_owned(),

@@ -30,7 +30,7 @@ use aya::{
 use skep_ebpf_common::{
     AffinityKey, AffinityValue, BACKEND_F_TERMINATING, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
     CT_F_CLOSING, CT_F_HAIRPIN, CtKey, CtValue, LB_COUNTER_NAMES, LB_COUNTERS, LbConfig,
-    ServiceKey, ServiceValue, names,
+    PolicyCtValue, ServiceKey, ServiceValue, names,
 };
 
 use super::{
@@ -134,6 +134,8 @@ pub struct KernelDatapath {
     ct: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     counters: PerCpuArray<MapData, u64>,
+    /// Swept with the LB conntrack (`gc_conntrack`).
+    policy_ct: HashMap<MapData, CtKey, PolicyCtValue>,
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -200,7 +202,10 @@ impl KernelDatapath {
                 });
             }
         }
-        let sizes: [(&'static str, u32); 8] = [
+        // The policy maps are pinned beside the LB maps (same loader, same
+        // object), so a restarted agent re-adopts its rules, its policy
+        // conntrack and the flow ring buffer with them.
+        let sizes: [(&'static str, u32); 13] = [
             (names::MAP_SERVICES, settings.max_frontends),
             (names::MAP_BACKENDS, settings.max_backends),
             (
@@ -212,6 +217,12 @@ impl KernelDatapath {
             (names::MAP_CONFIG, 1),
             (names::MAP_COUNTERS, LB_COUNTERS),
             (names::MAP_SOCK_REVNAT, settings.sock_revnat_entries),
+            (names::MAP_IPCACHE, settings.ipcache_entries),
+            (names::MAP_ENDPOINTS, settings.endpoint_entries),
+            (names::MAP_POLICY, settings.policy_entries),
+            (names::MAP_POLICY_CT, settings.policy_ct_entries),
+            // A ring buffer's max_entries is its size in bytes.
+            (names::MAP_FLOWS, settings.flow_ring_bytes),
         ];
         let mut adopted = false;
         for (name, wanted) in sizes {
@@ -221,6 +232,20 @@ impl KernelDatapath {
                     path: path.clone(),
                     detail: format!("not a readable pinned map: {e}"),
                 })?;
+                if info.max_entries() != wanted && name == names::MAP_COUNTERS {
+                    // A newer object counts more things; the counters are
+                    // statistics, not state: start them over.
+                    tracing::info!(
+                        pinned = info.max_entries(),
+                        wanted,
+                        "counter map has a different size; replacing it"
+                    );
+                    std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
+                        path: path.clone(),
+                        detail: format!("cannot replace the counter map: {e}"),
+                    })?;
+                    continue;
+                }
                 if info.max_entries() != wanted {
                     return Err(DataplaneError::PinnedMismatch {
                         path,
@@ -261,6 +286,9 @@ impl KernelDatapath {
                 detail: e.to_string(),
             })?;
         }
+        // The XDP early drop of denied traffic shares these maps; it is
+        // attached to external interfaces from its pin (`policy::xdp`).
+        crate::policy::xdp::load_and_pin(&mut ebpf, root)?;
         for prog in SOCK_PROGRAMS {
             let p = sock_program(&mut ebpf, prog)?;
             p.load().map_err(|e| DataplaneError::ProgramLoad {
@@ -291,6 +319,12 @@ impl KernelDatapath {
             Array::try_from(take(names::MAP_CONFIG)?).map_err(map_err(names::MAP_CONFIG))?;
         let counters = PerCpuArray::try_from(take(names::MAP_COUNTERS)?)
             .map_err(map_err(names::MAP_COUNTERS))?;
+        let policy_ct = HashMap::try_from(take(names::MAP_POLICY_CT)?)
+            .map_err(map_err(names::MAP_POLICY_CT))?;
+        // The flags belong to whoever programs policy (`KernelPolicy`): a
+        // restarted agent must keep enforcing the rules still in the maps.
+        // (A config map created just now reads as zeros.)
+        let flags = config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?.flags;
         config
             .set(
                 0,
@@ -298,7 +332,7 @@ impl KernelDatapath {
                     maglev_size: settings.maglev_size,
                     hairpin_addr: ip_ne(settings.hairpin_addr),
                     ready: 1,
-                    _pad: 0,
+                    flags,
                 },
                 0,
             )
@@ -332,6 +366,7 @@ impl KernelDatapath {
             ct,
             affinity,
             counters,
+            policy_ct,
         })
     }
 
@@ -835,6 +870,14 @@ impl Datapath for KernelDatapath {
         for k in stale {
             // Already gone (LRU eviction, a concurrent GC) is fine.
             let _ = self.ct.remove(&k);
+        }
+        let policy_removed =
+            crate::policy::kernel::sweep_policy_ct(&mut self.policy_ct, now, timeout)?;
+        if policy_removed > 0 {
+            tracing::debug!(
+                removed = policy_removed,
+                "idle policy conntrack entries swept"
+            );
         }
         Ok(CtGcStats {
             removed,

@@ -1,8 +1,10 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use skep_ebpf_common::{
-    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_SOCK_REVNAT_ENTRIES,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES, DEFAULT_ENDPOINT_ENTRIES,
+    DEFAULT_FLOW_RING_BYTES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_ENTRIES,
+    DEFAULT_SOCK_REVNAT_ENTRIES,
 };
 
 use crate::DataplaneError;
@@ -34,6 +36,16 @@ pub struct LbSettings {
     pub sock_revnat_entries: u32,
     /// Source address a pod sees when it reaches itself through a Service.
     pub hairpin_addr: Ipv4Addr,
+    /// NetworkPolicy ipcache entries (addresses and CIDRs with an identity).
+    pub ipcache_entries: u32,
+    /// Local endpoints (pods) policy knows.
+    pub endpoint_entries: u32,
+    /// Policy rule keys (a port range takes a few).
+    pub policy_entries: u32,
+    /// Policy conntrack entries (one per connection seen by a pod hook).
+    pub policy_ct_entries: u32,
+    /// Bytes of the flow event ring buffer (a power of two, at least a page).
+    pub flow_ring_bytes: u32,
 }
 
 impl Default for LbSettings {
@@ -47,6 +59,11 @@ impl Default for LbSettings {
             affinity_entries: DEFAULT_AFFINITY_ENTRIES,
             sock_revnat_entries: DEFAULT_SOCK_REVNAT_ENTRIES,
             hairpin_addr: Ipv4Addr::new(169, 254, 42, 1),
+            ipcache_entries: DEFAULT_IPCACHE_ENTRIES,
+            endpoint_entries: DEFAULT_ENDPOINT_ENTRIES,
+            policy_entries: DEFAULT_POLICY_ENTRIES,
+            policy_ct_entries: DEFAULT_POLICY_CT_ENTRIES,
+            flow_ring_bytes: DEFAULT_FLOW_RING_BYTES,
         }
     }
 }
@@ -73,10 +90,20 @@ impl LbSettings {
             ("ct_entries", self.ct_entries),
             ("affinity_entries", self.affinity_entries),
             ("sock_revnat_entries", self.sock_revnat_entries),
+            ("ipcache_entries", self.ipcache_entries),
+            ("endpoint_entries", self.endpoint_entries),
+            ("policy_entries", self.policy_entries),
+            ("policy_ct_entries", self.policy_ct_entries),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        if !self.flow_ring_bytes.is_power_of_two() || self.flow_ring_bytes < 4096 {
+            return bad(format!(
+                "flow_ring_bytes {} must be a power of two of at least 4096 (one page)",
+                self.flow_ring_bytes
+            ));
         }
         Ok(())
     }

@@ -49,6 +49,29 @@ pub mod names {
     /// cgroup/getpeername4: connected sockets report the VIP as peer.
     pub const PROG_SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 
+    /// LPM trie: [`super::IpcacheKey`] -> [`super::IpcacheValue`]: every
+    /// known address or CIDR and its security identity.
+    pub const MAP_IPCACHE: &str = "SKEP_IPCACHE";
+    /// Hash: local pod address (u32, network order) -> [`super::EndpointValue`].
+    pub const MAP_ENDPOINTS: &str = "SKEP_ENDPOINTS";
+    /// LPM trie: [`super::PolicyKey`] -> [`super::PolicyValue`]: the
+    /// allow rules of every local endpoint.
+    pub const MAP_POLICY: &str = "SKEP_POLICY";
+    /// LRU hash: [`super::CtKey`] (post-DNAT tuple, `dir` = 0) ->
+    /// [`super::PolicyCtValue`]: connections policy has admitted.
+    pub const MAP_POLICY_CT: &str = "SKEP_POLICY_CT";
+    /// Ring buffer of [`super::FlowEvent`]s.
+    pub const MAP_FLOWS: &str = "SKEP_FLOWS";
+
+    /// Every policy map the dataplane pins next to the LB maps.
+    pub const POLICY_MAPS: [&str; 5] = [
+        MAP_IPCACHE,
+        MAP_ENDPOINTS,
+        MAP_POLICY,
+        MAP_POLICY_CT,
+        MAP_FLOWS,
+    ];
+
     /// Every map the load balancer pins (in this order in the pin dir).
     pub const LB_MAPS: [&str; 8] = [
         MAP_SERVICES,
@@ -60,6 +83,10 @@ pub mod names {
         MAP_COUNTERS,
         MAP_SOCK_REVNAT,
     ];
+
+    /// XDP on a node's external interface: early drop of traffic a local
+    /// pod's ingress policy denies.
+    pub const PROG_XDP_POLICY: &str = "xdp_policy";
 }
 
 /// Maximum number of interfaces the packet counter tracks.
@@ -233,7 +260,8 @@ pub struct LbConfig {
     /// Nonzero once userspace has written the config; until then the
     /// programs let everything pass.
     pub ready: u32,
-    pub _pad: u32,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
 }
 
 /// Indexes of the per-CPU counters in [`names::MAP_COUNTERS`].
@@ -273,10 +301,22 @@ pub enum LbCounter {
     SockLb = 14,
     /// Socket connects/sends to a service without backends, refused.
     SockRefused = 15,
+    /// New connections an isolated endpoint's policy admitted (either hook).
+    PolicyAllowed = 16,
+    /// Packets dropped by the source pod's egress policy.
+    PolicyDeniedEgress = 17,
+    /// Packets dropped by the destination pod's ingress policy.
+    PolicyDeniedIngress = 18,
+    /// Flow events lost because the ring buffer was full (no reader, or a
+    /// slow one).
+    FlowsLost = 19,
+    /// Packets the XDP program on the external interface dropped because
+    /// the destination pod's ingress policy denies them.
+    XdpPolicyDrop = 20,
 }
 
 /// Number of counters (size of [`names::MAP_COUNTERS`]).
-pub const LB_COUNTERS: u32 = 16;
+pub const LB_COUNTERS: u32 = 21;
 
 /// Every counter with its name, for userspace reports.
 pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
@@ -296,7 +336,203 @@ pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
     (LbCounter::NoBackendIcmp, "no_backend_icmp"),
     (LbCounter::SockLb, "sock_lb"),
     (LbCounter::SockRefused, "sock_refused"),
+    (LbCounter::PolicyAllowed, "policy_allowed"),
+    (LbCounter::PolicyDeniedEgress, "policy_denied_egress"),
+    (LbCounter::PolicyDeniedIngress, "policy_denied_ingress"),
+    (LbCounter::FlowsLost, "flows_lost"),
+    (LbCounter::XdpPolicyDrop, "xdp_policy_drop"),
 ];
+
+/// Config flag ([`LbConfig::flags`]): enforce NetworkPolicy in the pod
+/// hooks. Until userspace has written the first full policy state the
+/// hooks admit everything (a restarting agent must not cut connections).
+pub const CFG_F_POLICY: u32 = 1;
+/// Config flag: emit [`FlowEvent`]s to [`names::MAP_FLOWS`].
+pub const CFG_F_FLOWS: u32 = 2;
+
+/// Reserved security identities (Cilium's numbering, so that people who
+/// know it read flows without a table).
+pub const ID_UNKNOWN: u32 = 0;
+/// The local node: its addresses, and anything the node's own stack sends
+/// (hostNetwork pods, kubelet probes). Always admitted to local pods.
+pub const ID_HOST: u32 = 1;
+/// Any address the ipcache does not know.
+pub const ID_WORLD: u32 = 2;
+/// Another node of the cluster (its node addresses).
+pub const ID_REMOTE_NODE: u32 = 6;
+/// First identity of CIDR peers (ipBlock); 1..256 are reserved.
+pub const ID_CIDR_FIRST: u32 = 1 << 24;
+/// First identity of label sets (pods); below the CIDR range.
+pub const ID_POD_FIRST: u32 = 256;
+/// Wildcard remote identity in a [`PolicyKey`]: any peer.
+pub const ID_ANY: u32 = 0;
+
+/// Default sizes of the policy maps.
+pub const DEFAULT_IPCACHE_ENTRIES: u32 = 65536;
+pub const DEFAULT_ENDPOINT_ENTRIES: u32 = 4096;
+pub const DEFAULT_POLICY_ENTRIES: u32 = 262_144;
+pub const DEFAULT_POLICY_CT_ENTRIES: u32 = 262_144;
+/// Ring buffer size in bytes (a power of two, multiple of the page size).
+pub const DEFAULT_FLOW_RING_BYTES: u32 = 1 << 20;
+
+/// LPM trie key of the ipcache: `prefix_len` bits of `addr` (network
+/// order) must match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheKey {
+    pub prefix_len: u32,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// What the ipcache knows about an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    /// Identity of the address itself: a pod's label-set identity, HOST,
+    /// REMOTE_NODE, or (for CIDR entries) the CIDR identity.
+    pub identity: u32,
+    /// Identity of the most specific ipBlock CIDR (or `except` hole)
+    /// containing the address, computed by userspace; ID_WORLD when none.
+    /// Lets an ipBlock rule match pod addresses too, with one lookup.
+    pub cidr_identity: u32,
+}
+
+/// Endpoint flag: ingress is isolated (some policy selects the pod for
+/// Ingress); without it every source is admitted.
+pub const EP_F_INGRESS_ISOLATED: u32 = 1;
+/// Endpoint flag: egress is isolated.
+pub const EP_F_EGRESS_ISOLATED: u32 = 2;
+
+/// A local pod, keyed by its address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// Number of the endpoint in [`PolicyKey::endpoint`] (nonzero).
+    pub endpoint: u32,
+    /// The pod's own identity (for flow events).
+    pub identity: u32,
+    /// `EP_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Policy direction in [`PolicyKey::direction`].
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+/// Prefix length of a [`PolicyKey`] that matches one exact port.
+pub const POLICY_PREFIX_EXACT: u32 = 96;
+/// Prefix length matching every port of one protocol.
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+/// Prefix length matching every protocol and port.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+
+/// LPM trie key of the policy map. The data bytes are, in order:
+/// endpoint (4, big endian), remote identity (4, big endian), direction (1),
+/// protocol (1), destination port (2, network order). Everything up to the
+/// protocol is always in the prefix; the port is matched on its first
+/// `prefix_len - 80` bits, so a port range (endPort) is a few prefixes and
+/// "any port" is prefix 80. Remote identity [`ID_ANY`] is the wildcard
+/// peer; the hook looks up the peer's identity, its CIDR identity and
+/// ID_ANY.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub prefix_len: u32,
+    /// Big endian (so the trie orders it like the other bytes).
+    pub endpoint: u32,
+    /// Big endian.
+    pub identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    /// Network byte order.
+    pub port: u16,
+}
+
+/// An allow rule's origin, for flow events and `skep ctl policy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Number of the NetworkPolicy that allowed it (userspace's table).
+    pub policy_id: u32,
+    pub _pad: u32,
+}
+
+/// Policy conntrack flags: which side's policy has admitted the connection.
+pub const PCT_F_EGRESS_OK: u32 = 1;
+pub const PCT_F_INGRESS_OK: u32 = 2;
+/// A TCP FIN or RST was seen: the idle sweep may reap the entry early.
+pub const PCT_F_CLOSING: u32 = 4;
+
+/// A connection policy has seen (key: post-DNAT tuple of its first packet,
+/// `dir` 0). Replies are matched by looking up the reversed tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyCtValue {
+    /// `PCT_F_*` bits.
+    pub flags: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// Flow verdicts.
+pub const VERDICT_FORWARDED: u8 = 1;
+pub const VERDICT_DROPPED: u8 = 2;
+
+/// Drop reasons (0 when forwarded).
+pub const DROP_NONE: u8 = 0;
+/// The source pod's egress policy allows no rule for this peer and port.
+pub const DROP_POLICY_EGRESS: u8 = 1;
+/// The destination pod's ingress policy denies it.
+pub const DROP_POLICY_INGRESS: u8 = 2;
+/// A service without ready endpoints (refused with RST / ICMP).
+pub const DROP_NO_BACKEND: u8 = 3;
+
+/// Where the event was observed.
+pub const OBS_FROM_POD: u8 = 1;
+pub const OBS_TO_POD: u8 = 2;
+
+/// Policy id in a flow event when no policy was involved (the endpoint is
+/// not isolated in that direction, or the flow is a reply).
+pub const POLICY_ID_NONE: u32 = 0;
+/// Policy id when the host rule (own node always allowed) admitted it.
+pub const POLICY_ID_HOST: u32 = u32::MAX;
+
+/// One flow event: the first packet of every new connection each hook
+/// admits, and every dropped packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// Network byte order; after DNAT (the backend) for from-pod events.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The service frontend before DNAT (0 when there was none).
+    pub orig_daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub orig_dport: u16,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `DROP_*`.
+    pub drop_reason: u8,
+    /// `OBS_*`.
+    pub observation: u8,
+    pub _pad: u8,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The policy that allowed (or [`POLICY_ID_NONE`]/[`POLICY_ID_HOST`]).
+    pub policy_id: u32,
+    /// The host-side interface of the hook.
+    pub ifindex: u32,
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -314,6 +550,12 @@ mod pod {
     unsafe impl aya::Pod for super::LbConfig {}
     unsafe impl aya::Pod for super::SockRevKey {}
     unsafe impl aya::Pod for super::SockRevValue {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::EndpointValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::PolicyCtValue {}
+    unsafe impl aya::Pod for super::FlowEvent {}
 }
 
 #[cfg(test)]
@@ -333,5 +575,12 @@ mod tests {
         assert_eq!(size_of::<LbConfig>(), 16);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
+        assert_eq!(size_of::<IpcacheKey>(), 8);
+        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<EndpointValue>(), 16);
+        assert_eq!(size_of::<PolicyKey>(), 16);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(size_of::<PolicyCtValue>(), 24);
+        assert_eq!(size_of::<FlowEvent>(), 48);
     }
 }

@@ -3,7 +3,8 @@
 //! existing conntrack entry wins; a new connection picks by affinity or
 //! Maglev and records both directions); connections to a frontend without
 //! backends are refused. Replies to the hairpin address get their
-//! destination restored to the pod itself.
+//! destination restored to the pod itself. Then NetworkPolicy judges the
+//! pod's egress on the post-DNAT destination (see `policy`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -11,14 +12,16 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use skep_ebpf_common::{CT_DIR_REPLY, CT_F_HAIRPIN, CtKey, CtValue, LbConfig, LbCounter};
+use skep_ebpf_common::{
+    CFG_F_FLOWS, CFG_F_POLICY, CT_DIR_REPLY, CT_F_HAIRPIN, CtKey, CtValue, LbConfig, LbCounter,
+};
 
 use crate::{
     conntrack, lb,
     maps::{CONFIG, count},
     nat,
     packet::{self, Packet, Skip},
-    reject,
+    policy, reject,
 };
 
 #[classifier]
@@ -59,6 +62,11 @@ fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // First the load balancer decides where the packet goes (the DNAT
+    // target, if any), then policy judges that destination, then the
+    // decision is carried out: a denied connection leaves no LB state.
+    let mut target: Option<Target> = None;
+    let mut new_conn: Option<(CtValue, CtKey, CtValue)> = None;
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(p)) {
         // SAFETY: pointer from a successful lookup; copied at once.
         let ct = unsafe { *entry };
@@ -68,66 +76,96 @@ fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
         }) {
             conntrack::touch(entry, p, now);
             count(LbCounter::CtHit);
-            rewrite(
-                ctx,
-                p,
-                ct.nat_addr,
-                ct.nat_port,
-                ct.flags & CT_F_HAIRPIN != 0,
-                cfg,
-            )?;
-            return Ok(TC_ACT_OK as i32);
+            target = Some(Target {
+                addr: ct.nat_addr,
+                port: ct.nat_port,
+                hairpin: ct.flags & CT_F_HAIRPIN != 0,
+            });
+        } else {
+            // The backend is gone: re-balance this flow (its connection to
+            // the old backend is lost anyway).
+            count(LbCounter::CtStaleBackend);
         }
-        // The backend is gone: re-balance this flow (its connection to the
-        // old backend is lost anyway).
-        count(LbCounter::CtStaleBackend);
     }
-    let Some(svc) = lb::lookup_service(p) else {
-        return Ok(TC_ACT_OK as i32);
-    };
-    if svc.backend_count == 0 {
-        return Ok(reject::refuse(ctx, p));
+    if target.is_none()
+        && let Some(svc) = lb::lookup_service(p)
+    {
+        let selected = if svc.backend_count == 0 {
+            None
+        } else {
+            lb::select(p, &svc, cfg, now)
+        };
+        let Some((backend_id, backend)) = selected else {
+            policy::no_backend(ctx, cfg, p);
+            return Ok(reject::refuse(ctx, p));
+        };
+        let hairpin = backend.addr == p.saddr;
+        let forward = CtValue {
+            nat_addr: backend.addr,
+            nat_port: backend.port,
+            flags: if hairpin { CT_F_HAIRPIN } else { 0 },
+            _pad: 0,
+            backend_id,
+            service_id: svc.id,
+            last_seen_ns: now,
+            packets: 1,
+        };
+        let reply_key = CtKey {
+            saddr: backend.addr,
+            daddr: p.saddr,
+            sport: backend.port,
+            dport: p.sport,
+            proto: p.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        };
+        let reply = CtValue {
+            nat_addr: p.daddr,
+            nat_port: p.dport,
+            flags: forward.flags,
+            _pad: 0,
+            backend_id,
+            service_id: svc.id,
+            last_seen_ns: now,
+            packets: 0,
+        };
+        new_conn = Some((forward, reply_key, reply));
+        target = Some(Target {
+            addr: backend.addr,
+            port: backend.port,
+            hairpin,
+        });
     }
-    let Some((backend_id, backend)) = lb::select(p, &svc, cfg, now) else {
-        return Ok(reject::refuse(ctx, p));
-    };
-    let hairpin = backend.addr == p.saddr;
-    let forward = CtValue {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        flags: if hairpin { CT_F_HAIRPIN } else { 0 },
-        _pad: 0,
-        backend_id,
-        service_id: svc.id,
-        last_seen_ns: now,
-        packets: 1,
-    };
-    let reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: p.saddr,
-        sport: backend.port,
-        dport: p.sport,
-        proto: p.proto,
-        dir: CT_DIR_REPLY,
-        _pad: 0,
-    };
-    let reply = CtValue {
-        nat_addr: p.daddr,
-        nat_port: p.dport,
-        flags: forward.flags,
-        _pad: 0,
-        backend_id,
-        service_id: svc.id,
-        last_seen_ns: now,
-        packets: 0,
-    };
-    if conntrack::create(p, &forward, &reply_key, &reply).is_err() {
-        // Still forward this packet; the next one retries the insert.
-        count(LbCounter::CtInsertFailed);
+    // A pod reaching itself through a service is always allowed.
+    let hairpin = target.is_some_and(|t| t.hairpin);
+    if cfg.flags & (CFG_F_POLICY | CFG_F_FLOWS) != 0 && !hairpin {
+        let (daddr, dport, orig) = match target {
+            Some(t) => (t.addr, t.port, (p.daddr, p.dport)),
+            None => (p.daddr, p.dport, (0, 0)),
+        };
+        if !policy::egress(ctx, cfg, p, daddr, dport, orig, now) {
+            return Ok(TC_ACT_SHOT as i32);
+        }
     }
-    count(LbCounter::NewConnection);
-    rewrite(ctx, p, backend.addr, backend.port, hairpin, cfg)?;
+    if let Some((forward, reply_key, reply)) = new_conn {
+        if conntrack::create(p, &forward, &reply_key, &reply).is_err() {
+            // Still forward this packet; the next one retries the insert.
+            count(LbCounter::CtInsertFailed);
+        }
+        count(LbCounter::NewConnection);
+    }
+    if let Some(t) = target {
+        rewrite(ctx, p, t.addr, t.port, t.hairpin, cfg)?;
+    }
     Ok(TC_ACT_OK as i32)
+}
+
+/// Where the load balancer sends a packet (network byte order).
+#[derive(Clone, Copy)]
+struct Target {
+    addr: u32,
+    port: u16,
+    hairpin: bool,
 }
 
 #[inline(always)]

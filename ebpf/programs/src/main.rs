@@ -1,21 +1,24 @@
 //! skep's kernel programs. One file per attach point (`counter`, `from_pod`,
 //! `to_pod`), shared logic in modules (`packet` parsing, `nat` rewrites with
 //! checksums, `lb` service lookup and backend selection, `conntrack`,
-//! `reject`, `maps`). Built for `bpfel-unknown-none` by
-//! `cargo xtask build-ebpf` and embedded in the `skep` binary.
+//! `reject`, `policy` enforcement, `flow` events, `maps`). Built for
+//! `bpfel-unknown-none` by `cargo xtask build-ebpf` and embedded in the
+//! `skep` binary.
 //!
 //! Only helpers present in Linux 5.10 are used (no bpf_loop, no atomics with
-//! fetch semantics, no ring buffer).
+//! fetch semantics); the flow ring buffer needs 5.8.
 #![no_std]
 #![no_main]
 
 mod conntrack;
 mod counter;
+mod flow;
 mod from_pod;
 mod lb;
 mod maps;
 mod nat;
 mod packet;
+mod policy;
 mod reject;
 mod sock_connect4;
 mod sock_getpeername4;
@@ -23,6 +26,7 @@ mod sock_lb;
 mod sock_recvmsg4;
 mod sock_sendmsg4;
 mod to_pod;
+mod xdp_policy;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -7,16 +7,18 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use skep_ebpf_common::{
-    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, LB_COUNTERS, LbConfig, LbCounter,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, EndpointValue, IpcacheValue,
+    LB_COUNTERS, LbConfig, LbCounter, PolicyCtValue, PolicyValue, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue,
 };
 
 const PLACEHOLDER_FRONTENDS: u32 = 64;
 const PLACEHOLDER_MAGLEV_SIZE: u32 = 251;
 const PLACEHOLDER_ENTRIES: u32 = 1024;
+const PLACEHOLDER_RING_BYTES: u32 = 64 * 1024;
 
 #[map(name = "SKEP_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
@@ -47,6 +49,31 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "SKEP_SOCK_RNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// Address or CIDR (prefix, network-order address) → identity. aya-ebpf's
+/// LPM key is `{prefix_len, data}`, the same bytes as `IpcacheKey`.
+#[map(name = "SKEP_IPCACHE")]
+pub static IPCACHE: LpmTrie<u32, IpcacheValue> = LpmTrie::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+#[map(name = "SKEP_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<u32, EndpointValue> =
+    HashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// Allow rules. The data is the 12 bytes after `PolicyKey::prefix_len`
+/// (endpoint, identity, direction, protocol, port); see `PolicyKey`.
+#[map(name = "SKEP_POLICY")]
+pub static POLICY: LpmTrie<[u8; 12], PolicyValue> =
+    LpmTrie::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// LRU: a full table forgets the least recently used connection (which
+/// is then judged again by its next packet) instead of refusing new ones.
+#[map(name = "SKEP_POLICY_CT")]
+pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue> =
+    LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// Flow events; userspace sizes it (a power of two multiple of the page).
+#[map(name = "SKEP_FLOWS")]
+pub static FLOWS: RingBuf = RingBuf::with_byte_size(PLACEHOLDER_RING_BYTES, 0);
 
 #[map(name = "SKEP_LB_CONFIG")]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);

@@ -1,6 +1,7 @@
 //! `to_pod`: TC egress on a pod's host-side veth, i.e. every packet going to
 //! the pod. Replies of load-balanced connections (backend → client) get the
 //! frontend (VIP, port) back as source, from the conntrack reply entry.
+//! Before that, NetworkPolicy judges the pod's ingress (see `policy`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -8,13 +9,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use skep_ebpf_common::LbCounter;
+use skep_ebpf_common::{CFG_F_FLOWS, CFG_F_POLICY, LbCounter};
 
 use crate::{
     conntrack,
     maps::{CONFIG, count},
     nat,
     packet::{self, Packet},
+    policy,
 };
 
 #[classifier]
@@ -28,7 +30,15 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let Ok(p) = packet::parse(&ctx) else {
         return TC_ACT_OK as i32;
     };
-    match reverse_nat(&ctx, &p) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Policy judges the packet as it arrives, before the reverse NAT:
+    // replies of load-balanced connections then match the post-DNAT tuple
+    // the from-pod hook recorded.
+    if cfg.flags & (CFG_F_POLICY | CFG_F_FLOWS) != 0 && !policy::ingress(&ctx, cfg, &p, now) {
+        return TC_ACT_SHOT as i32;
+    }
+    match reverse_nat(&ctx, &p, now) {
         Ok(()) => TC_ACT_OK as i32,
         Err(_) => {
             count(LbCounter::RewriteFailed);
@@ -38,14 +48,12 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, p: &Packet) -> Result<(), i64> {
+fn reverse_nat(ctx: &TcContext, p: &Packet, now: u64) -> Result<(), i64> {
     let Some(entry) = conntrack::lookup(&conntrack::reply_key(p)) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup; copied at once.
     let ct = unsafe { *entry };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     conntrack::touch(entry, p, now);
     nat::snat(ctx, p, ct.nat_addr, ct.nat_port)?;
     count(LbCounter::ReverseNat);

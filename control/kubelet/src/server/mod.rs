@@ -147,6 +147,26 @@ pub async fn serve(
     Ok(KubeletServer { local_addr, task })
 }
 
+/// The endpoint's TLS (serving certificate from `data_dir`, client
+/// certificates verified against `cluster_ca_pem`) with other ALPN
+/// protocols, for the agent's other listeners that admit only the API
+/// server: the flow observer serves gRPC (`h2`) with it.
+pub fn tls_config(
+    cluster_ca_pem: &[u8],
+    data_dir: &Path,
+    listen: SocketAddr,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, ServerError> {
+    let mut config = tls::server_config(cluster_ca_pem, data_dir, listen)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// The subject CN of a verified client certificate (DER).
+pub fn client_common_name(der: &[u8]) -> Option<String> {
+    tls::common_name(der)
+}
+
 pub(crate) fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into()).boxed()
 }

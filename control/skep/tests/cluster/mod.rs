@@ -267,6 +267,22 @@ impl Cluster {
             .unwrap()
     }
 
+    /// `skep ctl ARGS` against the cluster, from the server's namespace.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.nodes[0].netns,
+                env!("CARGO_BIN_EXE_skep"),
+                "ctl",
+            ])
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .expect("run skep ctl")
+    }
+
     /// kubectl 1.33, run inside the server's namespace.
     pub fn kubectl(&self, args: &[&str]) -> Output {
         self.kubectl_stdin(args, None)

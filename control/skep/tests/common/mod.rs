@@ -46,7 +46,11 @@ impl Server {
 
     /// A server with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// A server on a data directory prepared by the caller.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let port = free_port();
         let mut s = Server {
             dir,
@@ -105,6 +109,14 @@ impl Server {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL, like a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Kills the server (SIGKILL, like a crash) and starts it again on the
