@@ -438,8 +438,13 @@ async fn try_connect(endpoints: &[String], limit: Duration) -> std::result::Resu
         .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT);
     let attempt = async {
         let client = Client::connect(endpoints, Some(opts)).await?;
+        // Not `Kv::get`: that waits out elections, and connect has its own
+        // retry loop with the caller's deadline.
         Kv::new(&client, endpoints.len())
-            .get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+            .retry(|mut c| async move {
+                c.get(PROBE_KEY, Some(GetOptions::new().with_count_only()))
+                    .await
+            })
             .await?;
         Ok::<_, etcd_client::Error>(client)
     };
