@@ -15,7 +15,7 @@ use std::{
 
 use aya::maps::{Map, MapData, RingBuf};
 use skep_ebpf_common::{
-    DROP_NO_BACKEND, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, FlowEvent, OBS_TO_POD,
+    DROP_NO_BACKEND, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, FlowEvent, OBS_TO_POD, OBS_XDP,
     VERDICT_DROPPED, names,
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -69,6 +69,8 @@ pub enum Observation {
     FromPod,
     /// The destination pod's hook (its ingress).
     ToPod,
+    /// The node's external interface (XDP early drop).
+    Xdp,
 }
 
 impl Observation {
@@ -76,6 +78,7 @@ impl Observation {
         match self {
             Observation::FromPod => "from-pod",
             Observation::ToPod => "to-pod",
+            Observation::Xdp => "xdp",
         }
     }
 }
@@ -132,10 +135,10 @@ impl Flow {
                 DROP_NO_BACKEND => DropReason::NoBackend,
                 _ => DropReason::None,
             },
-            observation: if ev.observation == OBS_TO_POD {
-                Observation::ToPod
-            } else {
-                Observation::FromPod
+            observation: match ev.observation {
+                OBS_TO_POD => Observation::ToPod,
+                OBS_XDP => Observation::Xdp,
+                _ => Observation::FromPod,
             },
             src_identity: ev.src_identity,
             dst_identity: ev.dst_identity,

@@ -655,6 +655,7 @@ fn observation_name(o: i32) -> &'static str {
     match o {
         1 => "from-pod",
         2 => "to-pod",
+        3 => "xdp",
         _ => "unknown",
     }
 }

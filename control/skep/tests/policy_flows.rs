@@ -1,4 +1,4 @@
-//! On a real 2-node cluster: `skep ctl connectivity-test` passes, and flows
+//! On a real 3-node cluster: `skep ctl connectivity-test` passes, and flows
 //! reported by the kernel reach `skep ctl flows` through the server's relay
 //! with the right verdict, drop reason and policy name; `skep ctl policy`
 //! shows a pod's effective rules.
@@ -58,8 +58,8 @@ fn flows_until(
 }
 
 #[test]
-fn connectivity_test_flows_and_effective_policy_on_two_nodes() {
-    let c = Cluster::start(1);
+fn connectivity_test_flows_and_effective_policy_on_three_nodes() {
+    let c = Cluster::start(2);
 
     // The built-in connectivity test: every check passes, the namespace
     // is gone afterwards.
@@ -76,6 +76,12 @@ fn connectivity_test_flows_and_effective_policy_on_two_nodes() {
     );
     assert!(text.contains("policy denies an unlabelled pod"), "{text}");
     assert!(!text.contains("FAIL "), "{text}");
+    // Per node: pod → each of the 3 servers, ClusterIP, DNS over TCP and
+    // UDP; then the 2 policy checks.
+    assert!(
+        text.contains("20 passed, 0 failed"),
+        "every check ran and passed:\n{text}"
+    );
     c.wait_for(
         "the test namespace to be deleted",
         Duration::from_secs(60),
@@ -172,6 +178,9 @@ fn connectivity_test_flows_and_effective_policy_on_two_nodes() {
         .find(|v| v["verdict"] == "DROPPED" && v["source"]["ip"] == zc_ip.as_str())
         .unwrap();
     assert_eq!(drop["drop_reason"], "policy-denied-ingress", "{drop}");
+    // z/c runs on another node than x/a: its SYN was dropped by XDP on
+    // x/a's node's interface, before the pod hook.
+    assert_eq!(drop["observation"], "xdp", "{drop}");
     assert_eq!(drop["source"]["namespace"], "z", "{drop}");
 
     // Filters: only drops; the table output names both pods.

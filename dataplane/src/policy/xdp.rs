@@ -179,7 +179,13 @@ pub fn detach(pin_root: &Path, iface: &str) -> Result<bool, DataplaneError> {
         if index.parse::<u32>().is_err() {
             continue;
         }
-        // The pin is the only reference: removing it detaches the link.
+        // Detach at once (the pin's own release would only detach after
+        // an RCU grace period); then the pin, the last reference, goes.
+        if let Ok(link) = sys::obj_get(&entry.path())
+            && let Err(e) = sys::link_detach(link.as_fd())
+        {
+            tracing::debug!(error = %e, "BPF_LINK_DETACH failed; the pin's removal detaches it");
+        }
         std::fs::remove_file(entry.path()).map_err(|e| DataplaneError::Pin {
             path: entry.path(),
             detail: format!("cannot remove the XDP link pin: {e}"),
@@ -197,6 +203,7 @@ mod sys {
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_LINK_UPDATE: libc::c_long = 29;
+    const BPF_LINK_DETACH: libc::c_long = 34;
     const BPF_XDP: u32 = 37;
     pub(super) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
     pub(super) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
@@ -297,6 +304,21 @@ mod sys {
             _rest: [0; 2],
         };
         owned(bpf(BPF_LINK_CREATE, &mut attr)?)
+    }
+
+    /// `link_detach` of union bpf_attr.
+    #[repr(C)]
+    struct LinkDetachAttr {
+        link_fd: u32,
+    }
+
+    /// Detaches a link from its hook now (Linux ≥ 5.9), instead of when
+    /// its last reference goes (for a pin: after an RCU grace period).
+    pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+        let mut attr = LinkDetachAttr {
+            link_fd: link.as_raw_fd() as u32,
+        };
+        bpf(BPF_LINK_DETACH, &mut attr).map(drop)
     }
 
     pub(super) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {

@@ -495,6 +495,9 @@ pub const DROP_NO_BACKEND: u8 = 3;
 /// Where the event was observed.
 pub const OBS_FROM_POD: u8 = 1;
 pub const OBS_TO_POD: u8 = 2;
+/// Dropped by `xdp_policy` on the node's external interface (rate-limited
+/// events: a flood must not cost a ring-buffer write per packet).
+pub const OBS_XDP: u8 = 3;
 
 /// Policy id in a flow event when no policy was involved (the endpoint is
 /// not isolated in that direction, or the flow is a reply).

@@ -75,6 +75,12 @@ pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue> =
 #[map(name = "SKEP_FLOWS")]
 pub static FLOWS: RingBuf = RingBuf::with_byte_size(PLACEHOLDER_RING_BYTES, 0);
 
+/// Per-CPU budget of `xdp_policy`'s drop events: [second of the window,
+/// events sent in it]. Not pinned: a new loader starting a fresh budget
+/// is harmless.
+#[map(name = "SKEP_XDP_EVBUDGET")]
+pub static XDP_EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "SKEP_LB_CONFIG")]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 

@@ -11,14 +11,19 @@
 //! full decision (host sources, service DNAT, flow events, conntrack
 //! bookkeeping): this program never writes a map other than its counter.
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp,
+    maps::lpm_trie::Key, programs::XdpContext,
+};
 use skep_ebpf_common::{
-    CFG_F_POLICY, CtKey, DIR_INGRESS, EP_F_INGRESS_ISOLATED, ID_ANY, ID_HOST, IPPROTO_TCP,
-    IPPROTO_UDP, IpcacheValue, LbCounter, PCT_F_INGRESS_OK, POLICY_PREFIX_EXACT, PolicyKey,
+    CFG_F_FLOWS, CFG_F_POLICY, CtKey, DIR_INGRESS, DROP_POLICY_INGRESS, EP_F_INGRESS_ISOLATED,
+    EndpointValue, FlowEvent, ID_ANY, ID_HOST, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, LbConfig,
+    LbCounter, OBS_XDP, PCT_F_INGRESS_OK, POLICY_ID_NONE, POLICY_PREFIX_EXACT, PolicyKey,
+    VERDICT_DROPPED,
 };
 
 use crate::{
-    maps::{CONFIG, ENDPOINTS, POLICY, POLICY_CT, count},
+    maps::{CONFIG, ENDPOINTS, FLOWS, POLICY, POLICY_CT, XDP_EVENT_BUDGET, count},
     packet::ETH_HLEN,
     policy,
 };
@@ -33,15 +38,70 @@ struct Tuple {
     sport: u16,
     dport: u16,
     proto: u8,
+    tcp_flags: u8,
 }
+
+/// Drop events each CPU may send per second: enough to see who is being
+/// refused, without a ring-buffer write per packet of a flood.
+const EVENTS_PER_CPU_SECOND: u64 = 128;
 
 #[xdp]
 pub fn xdp_policy(ctx: XdpContext) -> u32 {
-    if denied(&ctx) {
-        count(LbCounter::XdpPolicyDrop);
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
+    match denied(&ctx) {
+        Some((cfg, t, ep, src)) => {
+            count(LbCounter::XdpPolicyDrop);
+            if cfg.flags & CFG_F_FLOWS != 0 {
+                report(&ctx, &t, &ep, &src);
+            }
+            xdp_action::XDP_DROP
+        }
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// A DROPPED flow event for `t`, within this CPU's budget.
+#[inline(always)]
+fn report(ctx: &XdpContext, t: &Tuple, ep: &EndpointValue, src: &IpcacheValue) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(budget) = XDP_EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    let second = now / 1_000_000_000;
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it
+    // while this program runs.
+    unsafe {
+        if (*budget)[0] != second {
+            (*budget)[0] = second;
+            (*budget)[1] = 0;
+        }
+        if (*budget)[1] >= EVENTS_PER_CPU_SECOND {
+            return;
+        }
+        (*budget)[1] += 1;
+    }
+    let ev = FlowEvent {
+        time_ns: now,
+        saddr: t.saddr,
+        daddr: t.daddr,
+        orig_daddr: 0,
+        sport: t.sport,
+        dport: t.dport,
+        orig_dport: 0,
+        proto: t.proto,
+        tcp_flags: t.tcp_flags,
+        verdict: VERDICT_DROPPED,
+        drop_reason: DROP_POLICY_INGRESS,
+        observation: OBS_XDP,
+        _pad: 0,
+        src_identity: src.identity,
+        dst_identity: ep.identity,
+        policy_id: POLICY_ID_NONE,
+        // SAFETY: reading a field of this invocation's xdp_md.
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+    };
+    if FLOWS.output::<FlowEvent>(&ev, 0).is_err() {
+        count(LbCounter::FlowsLost);
     }
 }
 
@@ -87,43 +147,47 @@ fn parse(ctx: &XdpContext) -> Option<Tuple> {
         return None;
     }
     let l4 = ETH_HLEN + ihl;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        read(ctx, l4 + 13).unwrap_or(0)
+    } else {
+        0
+    };
     Some(Tuple {
         saddr: read(ctx, ETH_HLEN + 12)?,
         daddr: read(ctx, ETH_HLEN + 16)?,
         sport: read(ctx, l4)?,
         dport: read(ctx, l4 + 2)?,
         proto,
+        tcp_flags,
     })
 }
 
-/// Whether the destination's ingress policy certainly refuses the packet.
+/// The packet and what was looked up, when the destination's ingress
+/// policy certainly refuses it.
 #[inline(always)]
-fn denied(ctx: &XdpContext) -> bool {
-    let Some(cfg) = CONFIG.get(0) else {
-        return false;
-    };
+fn denied(ctx: &XdpContext) -> Option<(LbConfig, Tuple, EndpointValue, IpcacheValue)> {
+    let cfg = *CONFIG.get(0)?;
     if cfg.ready == 0 || cfg.flags & CFG_F_POLICY == 0 {
-        return false;
+        return None;
     }
-    let Some(t) = parse(ctx) else {
-        return false;
-    };
+    let t = parse(ctx)?;
     // SAFETY: userspace writes whole values; copied at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&t.daddr).copied() }) else {
-        return false;
-    };
+    let ep = unsafe { ENDPOINTS.get(&t.daddr).copied() }?;
     if ep.flags & EP_F_INGRESS_ISOLATED == 0 {
-        return false;
+        return None;
     }
     if known_connection(&t) {
-        return false;
+        return None;
     }
     let src = policy::ipcache(t.saddr);
     // The pod hook admits the host identity without rules; so must this.
     if src.identity == ID_HOST {
-        return false;
+        return None;
     }
-    !admitted(ep.endpoint, &src, t.proto, t.dport)
+    if admitted(ep.endpoint, &src, t.proto, t.dport) {
+        return None;
+    }
+    Some((cfg, t, ep, src))
 }
 
 /// A reply of a connection some side admitted, or a connection the

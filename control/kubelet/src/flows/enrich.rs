@@ -70,6 +70,7 @@ pub fn observation(o: Observation) -> proto::Observation {
     match o {
         Observation::FromPod => proto::Observation::FromPod,
         Observation::ToPod => proto::Observation::ToPod,
+        Observation::Xdp => proto::Observation::Xdp,
     }
 }
 

@@ -36,6 +36,7 @@ pub fn observation_label(o: Observation) -> &'static str {
     match o {
         Observation::FromPod => "from_pod",
         Observation::ToPod => "to_pod",
+        Observation::Xdp => "xdp",
     }
 }
 
