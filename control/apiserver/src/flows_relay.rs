@@ -24,7 +24,6 @@
 
 use crate::{
     api::{Api, Query},
-    node_proxy::AnyKubeletCert,
     pki::Credentials,
     routes::ResourceRoute,
     server::Body,
@@ -44,7 +43,6 @@ use std::{
     marker::PhantomData,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -312,23 +310,8 @@ impl FlowsRelay {
     /// The same client identity and server-certificate rule as the node
     /// proxy (`node_proxy.rs`), with HTTP/2 for gRPC.
     pub fn new(credentials: &Credentials) -> Result<Self, String> {
-        let certs = rustls_pemfile::certs(&mut credentials.kubelet_client_cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("kubelet-client certificate: {e}"))?;
-        let key = rustls_pemfile::private_key(&mut credentials.kubelet_client_key_pem.as_bytes())
-            .map_err(|e| format!("kubelet-client key: {e}"))?
-            .ok_or("no private key in the kubelet-client key file")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyKubeletCert(provider)))
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("kubelet-client certificate: {e}"))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
-            connector: TlsConnector::from(Arc::new(config)),
+            connector: crate::node_proxy::kubelet_client_tls(credentials, b"h2")?,
         })
     }
 

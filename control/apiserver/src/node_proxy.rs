@@ -57,7 +57,7 @@ impl std::fmt::Debug for NodeProxy {
 /// self-signed certificates. The handshake signatures are still checked,
 /// and the kubelet authenticates us by our client certificate.
 #[derive(Debug)]
-pub(crate) struct AnyKubeletCert(pub(crate) Arc<rustls::crypto::CryptoProvider>);
+struct AnyKubeletCert(Arc<rustls::crypto::CryptoProvider>);
 
 impl rustls::client::danger::ServerCertVerifier for AnyKubeletCert {
     fn verify_server_cert(
@@ -104,26 +104,36 @@ impl rustls::client::danger::ServerCertVerifier for AnyKubeletCert {
     }
 }
 
+/// TLS to kubelets as the API server: the kubelet-client certificate as
+/// client identity, any kubelet serving certificate (see
+/// [`AnyKubeletCert`]), and `alpn` (HTTP/1.1 for upgrades, h2 for gRPC).
+pub(crate) fn kubelet_client_tls(
+    credentials: &Credentials,
+    alpn: &[u8],
+) -> Result<TlsConnector, String> {
+    let certs = rustls_pemfile::certs(&mut credentials.kubelet_client_cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("kubelet-client certificate: {e}"))?;
+    let key = rustls_pemfile::private_key(&mut credentials.kubelet_client_key_pem.as_bytes())
+        .map_err(|e| format!("kubelet-client key: {e}"))?
+        .ok_or("no private key in the kubelet-client key file")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyKubeletCert(provider)))
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("kubelet-client certificate: {e}"))?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 impl NodeProxy {
     pub fn new(credentials: &Credentials) -> Result<Self, String> {
-        let certs = rustls_pemfile::certs(&mut credentials.kubelet_client_cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("kubelet-client certificate: {e}"))?;
-        let key = rustls_pemfile::private_key(&mut credentials.kubelet_client_key_pem.as_bytes())
-            .map_err(|e| format!("kubelet-client key: {e}"))?
-            .ok_or("no private key in the kubelet-client key file")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyKubeletCert(provider)))
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| format!("kubelet-client certificate: {e}"))?;
         // Upgrades need HTTP/1.1.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
-            connector: TlsConnector::from(Arc::new(config)),
+            connector: kubelet_client_tls(credentials, b"http/1.1")?,
         })
     }
 
