@@ -14,6 +14,7 @@
 //! - `policy`: NetworkPolicy → identities, ipcache and allow rules in the
 //!   kernel's policy maps.
 
+mod conntrack_gc;
 pub mod flows;
 pub mod ipam;
 mod json;
@@ -243,6 +244,7 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
                     shared.clone(),
                     cfg.node_name.clone(),
                 ));
+                tokio::spawn(conntrack_gc::run(shared.clone()));
                 lb = Some(shared);
                 // NetworkPolicy: its maps are pinned by the loader above.
                 match skep_dataplane::policy::KernelPolicy::open(root) {
