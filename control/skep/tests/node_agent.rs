@@ -43,6 +43,14 @@ fn server_and_joined_agents_register_their_nodes() {
             .status
             .success()
     });
+    // The node registers before its endpoints are up; the status update
+    // that follows advertises the kubelet port actually bound.
+    wait_for(&s, "the server's node advertises its kubelet port", || {
+        s.json(v, &["get", "node", "server-node"])["status"]["daemonEndpoints"]["kubeletEndpoint"]
+            ["Port"]
+            .as_u64()
+            .is_some_and(|p| p != 0)
+    });
     let node = s.json(v, &["get", "node", "server-node"]);
     assert_eq!(node["spec"]["podCIDR"], "10.42.0.0/24");
     assert_eq!(
