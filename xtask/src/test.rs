@@ -52,6 +52,7 @@ pub fn run() -> Result<()> {
     util::require_root(
         "the tests create network namespaces and load BPF programs (and setup installs apt packages); rerun with sudo or in a root shell",
     )?;
+    report_disk();
     setup::run().context("setup (before the tests)")?;
     let ebpf_object = ebpf::build()?;
     let env = TestEnv { ebpf_object };
@@ -94,12 +95,45 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// What a fresh `cargo xtask test` writes under target/ (debug build of the
+/// workspace and its tests, the static VM build, the kernel download), with
+/// a margin; measured on a fresh clone (see the note in Cargo.toml).
+const DISK_NEEDED: u64 = 6 << 30;
+
+/// Says up front when the disk looks too small, so that a run that later
+/// dies of ENOSPC points at the cause at once.
+fn report_disk() {
+    let target = util::target_dir();
+    let probe = if target.exists() {
+        target.as_path()
+    } else {
+        util::workspace_root()
+    };
+    match util::free_disk_bytes(probe) {
+        Some(free) if free < DISK_NEEDED => eprintln!(
+            "[test] warning: only {:.1} GiB free under {}; a fresh run needs about {} GiB (cargo will fail with 'No space left on device')",
+            free as f64 / f64::from(1u32 << 30),
+            probe.display(),
+            DISK_NEEDED >> 30
+        ),
+        Some(free) => println!(
+            "[test] {:.1} GiB free under {}",
+            free as f64 / f64::from(1u32 << 30),
+            probe.display()
+        ),
+        None => {}
+    }
+}
+
 /// `cargo test --workspace --no-fail-fast`, with the real eBPF object.
 fn cargo_test(env: &TestEnv) -> Result<()> {
     Cmd::cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("SKEP_EBPF_OBJECT", &env.ebpf_object)
         .env("RUST_BACKTRACE", "1")
+        // A one-shot full build gains nothing from incremental caches, and
+        // they would double the disk the build takes.
+        .env("CARGO_INCREMENTAL", "0")
         .cwd(util::workspace_root())
         .hint("see the failing tests above; rerun one with `cargo test -p <crate> <name>` (as root, with SKEP_EBPF_OBJECT set)")
         .run()

@@ -304,6 +304,20 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
+/// Bytes free (for root) on the filesystem holding `path`, or None when
+/// statvfs fails (the caller only uses it for a diagnostic).
+pub fn free_disk_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid
+    // NUL-terminated path that outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(u64::from(st.f_bavail).saturating_mul(st.f_frsize))
+}
+
 /// `$CARGO_HOME`, else `~/.cargo`.
 pub fn cargo_home() -> Option<PathBuf> {
     env::var_os("CARGO_HOME")

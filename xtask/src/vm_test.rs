@@ -575,6 +575,7 @@ fn build_tests(ebpf_object: &Path) -> Result<Vec<TestBinary>> {
         .arg(&target_dir)
         .arg("--message-format=json-render-diagnostics")
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_INCREMENTAL", "0")
         .env("SKEP_EBPF_OBJECT", ebpf_object)
         .env_removes(INHERITED_ENV)
         .cwd(util::workspace_root())
