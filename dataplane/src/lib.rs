@@ -13,6 +13,8 @@ pub mod netns;
 pub mod object;
 pub mod podnet;
 pub mod policy;
+pub mod status;
+pub(crate) mod sys;
 
 pub use counter::{Direction, PacketCounter};
 pub use error::DataplaneError;

@@ -829,3 +829,56 @@ fn agent_restart_under_load_loses_no_connection() {
     );
     assert!(ok > 50, "the load generator made only {ok} connections");
 }
+
+#[test]
+fn status_from_the_pins_counts_what_is_programmed() {
+    let topo = Topology::new("status", 2);
+    let _server = topo.pods[1].tcp_server(8080);
+    let mut lb = LoadBalancer::new(topo.datapath()).unwrap();
+    lb.resync(vec![service(
+        vec![tcp_port(80, 8080), tcp_port(81, 8080), udp_port(53, 5353)],
+        vec![ready(topo.pods[1].ip)],
+    )])
+    .unwrap();
+    let mut c = topo.pods[0].connect(SocketAddrV4::new(VIP, 80)).unwrap();
+    ask(&mut c, "hello").unwrap();
+
+    let root = topo.settings().pin_root;
+    let st = skep_dataplane::status::read(&root).unwrap();
+    let map = |name: &str| {
+        st.maps
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} not in {:?}", st.maps))
+            .clone()
+    };
+    assert!(st.ready, "the loader wrote its config");
+    assert!(!st.policy, "no policy was enabled");
+    assert_eq!(map("SKEP_SERVICES").used, Some(3), "three frontends");
+    assert!(map("SKEP_SERVICES").max > 3);
+    assert_eq!(
+        map("SKEP_BACKENDS").used,
+        Some(3),
+        "one backend per frontend"
+    );
+    assert!(
+        map("SKEP_CT").used.is_some_and(|n| n >= 1),
+        "the connection is tracked: {:?}",
+        map("SKEP_CT")
+    );
+    assert_eq!(map("SKEP_MAGLEV").used, None, "arrays have no fill");
+    for prog in ["from_pod", "to_pod"] {
+        assert!(st.programs.iter().any(|p| p == prog), "{:?}", st.programs);
+    }
+    let (fullest, fill) = st.fullest().unwrap();
+    assert!(fill > 0.0 && fill < 1.0, "{fullest:?} {fill}");
+    // The same after a JSON round trip (how the agent publishes it).
+    let json = serde_json::to_string(&st).unwrap();
+    let back: skep_dataplane::status::DataplaneStatus = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, st);
+    // A pin root without a dataplane is a clear error.
+    let err = skep_dataplane::status::read(std::path::Path::new("/sys/fs/bpf/skep-no-such-root"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no pinned maps"), "{err}");
+}

@@ -1,7 +1,14 @@
 //! `cargo xtask bench dns`: dnsperf on loopback against skep's DNS, dnsmasq,
 //! unbound and nsd serving the same 10,000 services (A, SRV, PTR; AAAA
 //! queries are NODATA, plus NXDOMAIN names), UDP and TCP, one after the
-//! other on this machine.
+//! other on this machine. Then latency percentiles at a fixed query rate
+//! from our own UDP load generator ([`fixed_rate`]): dnsperf's "max
+//! throughput" mode measures how fast a server drains a queue, not how long
+//! a query waits at a realistic load.
+//!
+//! `SKEP_DNS_BENCH_ROUNDS` (default 1) repeats everything; odd rounds run
+//! the servers in reverse order (skep last), so machine noise that drifts
+//! over a run does not always favour the same side.
 //!
 //! skep runs in a child process (this executable re-run with
 //! `SKEP_DNS_BENCH_CHILD`), fed by a real SqliteStore holding the Services
@@ -19,7 +26,10 @@ use std::{
     net::{Ipv4Addr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -173,6 +183,158 @@ fn dnsperf(port: u16, queries: &Path, secs: u64, tcp: bool) -> Perf {
         avg_latency_ms: first_num(Some(lat)) * 1000.0,
         max_latency_ms: max * 1000.0,
         rcodes: field(&text, "Response codes:").unwrap_or("").to_owned(),
+    }
+}
+
+/// Latency distribution at a fixed offered load.
+#[derive(Debug, Default, Clone)]
+struct Latency {
+    sent: u64,
+    answered: u64,
+    lost: u64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+/// The query file's lines (`name TYPE`) as wire-format queries without
+/// EDNS, RD set, id 0 (patched per send).
+fn wire_queries(queries: &Path) -> Vec<Vec<u8>> {
+    let text = std::fs::read_to_string(queries).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let (name, t) = l.split_once(' ')?;
+            let qtype: u16 = match t {
+                "A" => 1,
+                "PTR" => 12,
+                "AAAA" => 28,
+                "SRV" => 33,
+                other => panic!("query type {other} not in the mix"),
+            };
+            let mut q = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+            for label in name.trim_end_matches('.').split('.') {
+                q.push(label.len() as u8);
+                q.extend_from_slice(label.as_bytes());
+            }
+            q.push(0);
+            q.extend_from_slice(&qtype.to_be_bytes());
+            q.extend_from_slice(&[0, 1]);
+            Some(q)
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// Offers `rate` queries/s for `secs` seconds over `sockets` UDP sockets
+/// (the query mix, in order) and measures each query's send→receive time.
+/// One sender thread paces the whole load on a fixed schedule (it does not
+/// wait for answers, so a slow server cannot slow the offered load); one
+/// receiver thread per socket matches answers by id. A query unanswered
+/// 1 s after the last send, or whose id comes round again (65,536 queries
+/// later on its socket), is lost. Bounded: `rate × secs` queries, then at
+/// most 1 s of waiting. Loopback only.
+fn fixed_rate(port: u16, queries: &[Vec<u8>], rate: u64, secs: u64, sockets: usize) -> Latency {
+    const SLOTS: usize = 1 << 16;
+    let base = Instant::now();
+    let nanos = move || u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1;
+    let socks: Vec<Arc<UdpSocket>> = (0..sockets)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            Arc::new(s)
+        })
+        .collect();
+    // Per socket and id: when the query in flight was sent (0: none).
+    let sent_at: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
+        (0..sockets)
+            .map(|_| (0..SLOTS).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let receivers: Vec<_> = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (s, sent_at, stop) = (s.clone(), sent_at.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 20);
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = s.recv(&mut buf) else { continue };
+                    if n < 12 {
+                        continue;
+                    }
+                    let id = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+                    let t = sent_at[i][id].swap(0, Ordering::AcqRel);
+                    if t != 0 {
+                        let took = nanos().saturating_sub(t) / 1000;
+                        lat_us.push(u32::try_from(took).unwrap_or(u32::MAX));
+                    }
+                }
+                lat_us
+            })
+        })
+        .collect();
+    let total = rate * secs;
+    let interval_ns = 1_000_000_000 / rate.max(1);
+    let mut lost = 0u64;
+    let mut ids = vec![0u16; sockets];
+    let mut buf = Vec::with_capacity(512);
+    let start = Instant::now();
+    let mut k = 0u64;
+    while k < total {
+        // Everything due by now goes out (catching up after a preemption),
+        // then sleep until the next one is due.
+        let due = (start.elapsed().as_nanos() as u64 / interval_ns + 1).min(total);
+        while k < due {
+            let sock = (k as usize) % sockets;
+            let id = ids[sock];
+            ids[sock] = id.wrapping_add(1);
+            buf.clear();
+            buf.extend_from_slice(&queries[(k as usize) % queries.len()]);
+            buf[0..2].copy_from_slice(&id.to_be_bytes());
+            if sent_at[sock][usize::from(id)].swap(nanos(), Ordering::AcqRel) != 0 {
+                lost += 1;
+            }
+            let _ = socks[sock].send(&buf);
+            k += 1;
+        }
+        let next = Duration::from_nanos(k * interval_ns);
+        if let Some(wait) = next.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let mut all: Vec<u32> = receivers
+        .into_iter()
+        .flat_map(|r| r.join().unwrap())
+        .collect();
+    lost += sent_at
+        .iter()
+        .flatten()
+        .filter(|t| t.load(Ordering::Acquire) != 0)
+        .count() as u64;
+    all.sort_unstable();
+    Latency {
+        sent: total,
+        answered: all.len() as u64,
+        lost,
+        p50_ms: percentile(&all, 0.50),
+        p90_ms: percentile(&all, 0.90),
+        p99_ms: percentile(&all, 0.99),
+        p999_ms: percentile(&all, 0.999),
+        max_ms: all.last().map_or(0.0, |m| f64::from(*m) / 1000.0),
     }
 }
 
@@ -337,93 +499,222 @@ fn main() {
     populate(&db);
     eprintln!("stored {SERVICES} services in {:.1?}", t.elapsed());
 
-    let mut results: Vec<(&str, Perf, Perf)> = Vec::new();
+    let rounds: usize = env_num("SKEP_DNS_BENCH_ROUNDS", 1);
+    let lat_rate: u64 = env_num("SKEP_DNS_BENCH_LATENCY_QPS", 20_000);
+    let lat_secs: u64 = env_num("SKEP_DNS_BENCH_LATENCY_SECONDS", 10);
+    let wire = wire_queries(&queries);
+
+    // name → one (udp, tcp, latency) per round.
+    let mut results: Results = Vec::new();
     let mut skep_rss = (0.0, 0.0);
     // SKEP_DNS_BENCH_SERVERS=skep,nsd runs a subset (while tuning).
     let only = std::env::var("SKEP_DNS_BENCH_SERVERS").unwrap_or_default();
-    for name in ["skep", "dnsmasq", "dnsmasq_hosts_only", "unbound", "nsd"] {
-        if !only.is_empty() && !only.split(',').any(|o| o == name) {
-            continue;
+    let mut names: Vec<&str> = ["skep", "dnsmasq", "dnsmasq_hosts_only", "unbound", "nsd"]
+        .into_iter()
+        .filter(|name| only.is_empty() || only.split(',').any(|o| o == *name))
+        .collect();
+    for round in 0..rounds {
+        if round > 0 {
+            names.reverse();
         }
-        let port = free_port();
-        let pdir = dir.path().join(name);
-        std::fs::create_dir_all(&pdir).unwrap();
-        let mut cmd = match name {
-            "skep" => {
-                let mut c = Command::new(std::env::current_exe().unwrap());
-                c.env(CHILD_ENV, format!("{},127.0.0.1:{port}", db.display()))
-                    .env("RUST_LOG", "warn");
-                c
-            }
-            "dnsmasq" => dnsmasq(&pdir, port, true),
-            "dnsmasq_hosts_only" => dnsmasq(&pdir, port, false),
-            "unbound" => unbound(&pdir, port),
-            _ => nsd(&pdir, port),
-        };
-        let log = std::fs::File::create(pdir.join("stderr.log")).unwrap();
-        let started = Instant::now();
-        let mut child = Killed(
-            cmd.stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {name}: {e} (cargo xtask setup installs it)")),
-        );
-        wait_ready(name, port, &mut child.0);
-        eprintln!("{name}: answering after {:.1?}", started.elapsed());
-        let udp = dnsperf(port, &queries, secs, false);
-        eprintln!("{name} udp: {udp:?}");
-        if name == "skep" {
-            skep_rss = (
-                rss_mb(child.0.id(), "VmRSS:"),
-                rss_mb(child.0.id(), "VmHWM:"),
+        eprintln!("round {}: {}", round + 1, names.join(", "));
+        for &name in &names {
+            let (udp, tcp, lat, rss) = run_server(
+                name,
+                dir.path(),
+                &db,
+                &queries,
+                &wire,
+                secs,
+                lat_rate,
+                lat_secs,
             );
+            if name == "skep" {
+                skep_rss = rss;
+            }
+            match results.iter_mut().find(|r| r.0 == name) {
+                Some(r) => r.1.push((udp, tcp, lat)),
+                None => results.push((name, vec![(udp, tcp, lat)])),
+            }
         }
-        let tcp = dnsperf(port, &queries, secs, true);
-        eprintln!("{name} tcp: {tcp:?}");
-        results.push((name, udp, tcp));
     }
 
-    let get = |n: &'static str| {
+    let runs = |n: &str| {
         results
             .iter()
             .find(|r| r.0 == n)
-            .map(|r| (r.0, r.1.clone(), r.2.clone()))
-            .unwrap_or((n, Perf::default(), Perf::default()))
+            .map(|r| r.1.clone())
+            .unwrap_or_default()
     };
+    let skep_runs = runs("skep");
     let mut report = json!({
         "services": SERVICES,
         "seconds_per_run": secs,
+        "rounds": rounds,
         "query_mix": "40% A, 20% SRV, 15% PTR, 10% AAAA (NODATA), 15% NXDOMAIN",
         "dnsperf": "-c 8 -T 1 -q 256",
+        "latency_load": format!("{lat_rate} queries/s for {lat_secs} s over 4 UDP sockets, no EDNS"),
         "skep_rss_mb": (skep_rss.0 * 10.0f64).round() / 10.0,
         "skep_peak_rss_mb": (skep_rss.1 * 10.0f64).round() / 10.0,
-        "skep_lost": get("skep").1.lost + get("skep").2.lost,
-        "knot_or_nsd_qps_udp": get("nsd").1.qps.round(),
+        "skep_lost": skep_runs.iter().map(|r| r.0.lost + r.1.lost).sum::<u64>(),
+        "knot_or_nsd_qps_udp": mean(&runs("nsd"), &|r| r.0.qps).round(),
     });
-    for (name, udp, tcp) in &results {
-        report[format!("{name}_qps_udp")] = json!(udp.qps.round());
-        report[format!("{name}_qps_tcp")] = json!(tcp.qps.round());
-        report[format!("{name}_avg_latency_ms_udp")] = json!(udp.avg_latency_ms);
-        report[format!("{name}_avg_latency_ms_tcp")] = json!(tcp.avg_latency_ms);
-        report[format!("{name}_max_latency_ms_udp")] = json!(udp.max_latency_ms);
-        report[format!("{name}_lost_udp")] = json!(udp.lost);
-        report[format!("{name}_lost_tcp")] = json!(tcp.lost);
-        report[format!("{name}_sent_udp")] = json!(udp.sent);
-        report[format!("{name}_rcodes_udp")] = json!(udp.rcodes);
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    for (name, v) in &results {
+        // Means over the rounds; the per-round figures alongside.
+        report[format!("{name}_qps_udp")] = json!(mean(v, &|r| r.0.qps).round());
+        report[format!("{name}_qps_tcp")] = json!(mean(v, &|r| r.1.qps).round());
+        report[format!("{name}_qps_udp_rounds")] =
+            json!(v.iter().map(|r| r.0.qps.round()).collect::<Vec<_>>());
+        report[format!("{name}_qps_tcp_rounds")] =
+            json!(v.iter().map(|r| r.1.qps.round()).collect::<Vec<_>>());
+        report[format!("{name}_avg_latency_ms_udp")] = json!(mean(v, &|r| r.0.avg_latency_ms));
+        report[format!("{name}_avg_latency_ms_tcp")] = json!(mean(v, &|r| r.1.avg_latency_ms));
+        report[format!("{name}_max_latency_ms_udp")] = json!(mean(v, &|r| r.0.max_latency_ms));
+        report[format!("{name}_lost_udp")] = json!(v.iter().map(|r| r.0.lost).sum::<u64>());
+        report[format!("{name}_lost_tcp")] = json!(v.iter().map(|r| r.1.lost).sum::<u64>());
+        report[format!("{name}_sent_udp")] = json!(v.iter().map(|r| r.0.sent).sum::<u64>());
+        report[format!("{name}_rcodes_udp")] =
+            json!(v.iter().map(|r| r.0.rcodes.clone()).collect::<Vec<_>>());
+        report[format!("{name}_p50_ms")] = json!(r3(mean(v, &|r| r.2.p50_ms)));
+        report[format!("{name}_p90_ms")] = json!(r3(mean(v, &|r| r.2.p90_ms)));
+        report[format!("{name}_p99_ms")] = json!(r3(mean(v, &|r| r.2.p99_ms)));
+        report[format!("{name}_p99_9_ms")] = json!(r3(mean(v, &|r| r.2.p999_ms)));
+        report[format!("{name}_max_ms")] = json!(r3(mean(v, &|r| r.2.max_ms)));
+        report[format!("{name}_p99_ms_rounds")] =
+            json!(v.iter().map(|r| r3(r.2.p99_ms)).collect::<Vec<_>>());
+        report[format!("{name}_latency_lost")] = json!(v.iter().map(|r| r.2.lost).sum::<u64>());
+        report[format!("{name}_latency_sent")] = json!(v.iter().map(|r| r.2.sent).sum::<u64>());
+        report[format!("{name}_latency_answered")] =
+            json!(v.iter().map(|r| r.2.answered).sum::<u64>());
     }
-    let skep = get("skep").1.qps;
+    let skep = mean(&skep_runs, &|r| r.0.qps);
     for peer in ["dnsmasq", "dnsmasq_hosts_only", "unbound", "nsd"] {
-        let p = get(peer).1.qps;
+        let p = mean(&runs(peer), &|r| r.0.qps);
         report[format!("skep_vs_{peer}_udp")] = json!(if p > 0.0 {
             (skep / p * 100.0).round() / 100.0
         } else {
             0.0
         });
     }
+    print_latency_table(&results);
     // Where `cargo xtask bench dns` looks for it.
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();
     let text = serde_json::to_string_pretty(&report).unwrap();
     std::fs::write(out.join("dns.json"), &text).unwrap();
     println!("{text}");
+}
+
+fn env_num<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One round's figures for one server: dnsperf UDP, dnsperf TCP, latency.
+type Run = (Perf, Perf, Latency);
+/// Every server's runs, in the order first run.
+type Results<'a> = Vec<(&'a str, Vec<Run>)>;
+
+/// The mean of `f` over the rounds.
+fn mean(v: &[Run], f: &dyn Fn(&Run) -> f64) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().map(f).sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Percentiles side by side, with skep's ratio to each peer (below 1:
+/// skep is faster).
+fn print_latency_table(results: &Results) {
+    type Col = (&'static str, fn(&Latency) -> f64);
+    let cols: [Col; 5] = [
+        ("p50", |l| l.p50_ms),
+        ("p90", |l| l.p90_ms),
+        ("p99", |l| l.p99_ms),
+        ("p99.9", |l| l.p999_ms),
+        ("max", |l| l.max_ms),
+    ];
+    let skep = results.iter().find(|r| r.0 == "skep");
+    eprintln!("\nlatency at a fixed rate (ms; in brackets skep's value / this server's)");
+    let mut head = format!("{:<20}", "server");
+    for (c, _) in &cols {
+        let _ = write!(head, "{c:>16}");
+    }
+    eprintln!("{head}   qps_udp");
+    for (name, v) in results {
+        let mut line = format!("{name:<20}");
+        for (_, f) in &cols {
+            let x = mean(v, &|r| f(&r.2));
+            let ratio = skep
+                .filter(|s| s.0 != *name)
+                .map(|s| mean(&s.1, &|r| f(&r.2)) / x.max(1e-9));
+            match ratio {
+                Some(r) => {
+                    let _ = write!(line, "{x:>9.3} [{r:>4.2}]");
+                }
+                None => {
+                    let _ = write!(line, "{x:>16.3}");
+                }
+            }
+        }
+        eprintln!("{line}   {:.0}", mean(v, &|r| r.0.qps));
+    }
+}
+
+/// One server: start it, dnsperf over UDP and TCP, then the fixed-rate
+/// latency run; returns the three and skep's (RSS, peak RSS).
+#[allow(clippy::too_many_arguments)]
+fn run_server(
+    name: &str,
+    dir: &Path,
+    db: &Path,
+    queries: &Path,
+    wire: &[Vec<u8>],
+    secs: u64,
+    lat_rate: u64,
+    lat_secs: u64,
+) -> (Perf, Perf, Latency, (f64, f64)) {
+    let port = free_port();
+    let pdir = dir.join(format!("{name}-{port}"));
+    std::fs::create_dir_all(&pdir).unwrap();
+    let mut cmd = match name {
+        "skep" => {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.env(CHILD_ENV, format!("{},127.0.0.1:{port}", db.display()))
+                .env("RUST_LOG", "warn");
+            c
+        }
+        "dnsmasq" => dnsmasq(&pdir, port, true),
+        "dnsmasq_hosts_only" => dnsmasq(&pdir, port, false),
+        "unbound" => unbound(&pdir, port),
+        _ => nsd(&pdir, port),
+    };
+    let log = std::fs::File::create(pdir.join("stderr.log")).unwrap();
+    let started = Instant::now();
+    let mut child = Killed(
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e} (cargo xtask setup installs it)")),
+    );
+    wait_ready(name, port, &mut child.0);
+    eprintln!("{name}: answering after {:.1?}", started.elapsed());
+    let udp = dnsperf(port, queries, secs, false);
+    eprintln!("{name} udp: {udp:?}");
+    let mut rss = (0.0, 0.0);
+    if name == "skep" {
+        rss = (
+            rss_mb(child.0.id(), "VmRSS:"),
+            rss_mb(child.0.id(), "VmHWM:"),
+        );
+    }
+    let tcp = dnsperf(port, queries, secs, true);
+    eprintln!("{name} tcp: {tcp:?}");
+    let lat = fixed_rate(port, wire, lat_rate, lat_secs, 4);
+    eprintln!("{name} latency: {lat:?}");
+    (udp, tcp, lat, rss)
 }

@@ -19,6 +19,27 @@ pub(crate) struct ZoneSettings {
     pub zone: String,
     pub ttl: u32,
     pub pod_records: PodRecords,
+    /// The SOA's owner, MNAME and RNAME, parsed once: building them per
+    /// negative answer showed up in profiles.
+    soa_names: Option<(Name, Name, Name)>,
+}
+
+impl ZoneSettings {
+    pub fn new(zone: String, ttl: u32, pod_records: PodRecords) -> Self {
+        let soa_names = (|| {
+            Some((
+                Name::from_ascii(format!("{zone}.")).ok()?,
+                Name::from_ascii(format!("ns.dns.{zone}.")).ok()?,
+                Name::from_ascii(format!("hostmaster.{zone}.")).ok()?,
+            ))
+        })();
+        Self {
+            zone,
+            ttl,
+            pod_records,
+            soa_names,
+        }
+    }
 }
 
 /// What to do with a query.
@@ -43,6 +64,11 @@ pub(crate) struct Reply {
     pub additionals: Vec<Record>,
     /// The zone's SOA, for the authority section of negative answers.
     pub soa: Option<Record>,
+    /// Further authority records (an upstream's SOA for a chased target).
+    pub authorities: Vec<Record>,
+    /// A CNAME target outside the zone whose A/AAAA records the server
+    /// should fetch from the upstreams and append.
+    pub chase: Option<Name>,
 }
 
 /// Longest CNAME chain followed inside the zone.
@@ -66,9 +92,7 @@ fn in_zone(name: &str, zone: &str) -> bool {
 }
 
 pub(crate) fn soa_record(settings: &ZoneSettings, serial: i64) -> Option<Record> {
-    let zone = Name::from_ascii(format!("{}.", settings.zone)).ok()?;
-    let mname = Name::from_ascii(format!("ns.dns.{}.", settings.zone)).ok()?;
-    let rname = Name::from_ascii(format!("hostmaster.{}.", settings.zone)).ok()?;
+    let (zone, mname, rname) = settings.soa_names.clone()?;
     // The serial only has to move when the data does; the revision's low
     // 32 bits do that.
     let soa = SOA::new(mname, rname, serial as u32, 7200, 1800, 86400, settings.ttl);
@@ -107,10 +131,11 @@ pub(crate) fn answer(
         // everything else outside the zone, belong to the upstreams.
         return Outcome::Forward;
     };
-    let soa = soa_record(settings, snap.revision);
+    // Only negative answers carry it.
+    let soa = || soa_record(settings, snap.revision);
     let mut reply = Reply::default();
     if qtype == RecordType::SOA && qname == settings.zone {
-        reply.answers.extend(soa);
+        reply.answers.extend(soa());
         return Outcome::Answer(reply);
     }
     // CNAME: answer it, then chase while the target is ours.
@@ -131,7 +156,12 @@ pub(crate) fn answer(
                     .push(Record::from_rdata(owner.clone(), settings.ttl, rd.clone()));
             }
             if !in_zone(&target, &settings.zone) {
-                // The client's resolver (or the next hop) follows it.
+                // Addresses of an outside target come from the upstreams
+                // (the server does that I/O); other types are left to the
+                // client's resolver, like CoreDNS.
+                if matches!(qtype, RecordType::A | RecordType::AAAA) {
+                    reply.chase = Name::from_ascii(format!("{target}.")).ok();
+                }
                 return Outcome::Answer(reply);
             }
             let Ok(next_owner) = Name::from_ascii(format!("{target}.")) else {
@@ -140,7 +170,7 @@ pub(crate) fn answer(
             let Some(next) = snap.nodes.get(&target) else {
                 // RFC 6604: the rcode describes the last name of the chain.
                 reply.rcode = ResponseCode::NXDomain;
-                reply.soa = soa;
+                reply.soa = soa();
                 return Outcome::Answer(reply);
             };
             owner = next_owner;
@@ -159,7 +189,7 @@ pub(crate) fn answer(
                         .iter()
                         .all(|r| r.record_type() == RecordType::CNAME)
                     {
-                        reply.soa = soa;
+                        reply.soa = soa();
                     }
                     return Outcome::Answer(reply);
                 }
@@ -191,7 +221,7 @@ pub(crate) fn answer(
     }
     if reply.answers.is_empty() {
         // NODATA: the name exists without this type.
-        reply.soa = soa;
+        reply.soa = soa();
     }
     Outcome::Answer(reply)
 }

@@ -2,7 +2,10 @@
 //! at one revision, then watch all three from there. A watch that reports
 //! `Compacted` (or fails any other way) starts over with a fresh list.
 
-use crate::model::{self, Pod, Service, Slice, Snapshot};
+use crate::{
+    metrics::Metrics,
+    model::{self, Pod, Service, Slice, Snapshot},
+};
 use arc_swap::ArcSwapOption;
 use serde_json::Value;
 use skep_store::{Event, KeyValue, ListRequest, Revision, Store, StoreError};
@@ -82,9 +85,19 @@ impl Objects {
 }
 
 /// Runs until the store shuts down (a watch ends without error).
-pub(crate) async fn run(store: Arc<dyn Store>, zone: String, target: Arc<ArcSwapOption<Snapshot>>) {
+pub(crate) async fn run(
+    store: Arc<dyn Store>,
+    zone: String,
+    target: Arc<ArcSwapOption<Snapshot>>,
+    metrics: Arc<Metrics>,
+) {
+    let publish = Publish {
+        zone: &zone,
+        target: &target,
+        metrics: &metrics,
+    };
     loop {
-        match sync_and_follow(&store, &zone, &target).await {
+        match sync_and_follow(&store, &publish).await {
             Ok(()) => {
                 tracing::info!("store closed; DNS feed stops");
                 return;
@@ -127,11 +140,23 @@ async fn list_all(
     }
 }
 
-async fn sync_and_follow(
-    store: &Arc<dyn Store>,
-    zone: &str,
-    target: &ArcSwapOption<Snapshot>,
-) -> Result<(), StoreError> {
+/// Where a new snapshot goes: the served slot, and the gauges describing it.
+struct Publish<'a> {
+    zone: &'a str,
+    target: &'a ArcSwapOption<Snapshot>,
+    metrics: &'a Metrics,
+}
+
+impl Publish<'_> {
+    fn swap(&self, objects: &Objects, revision: Revision) {
+        let snap = objects.snapshot(self.zone, revision);
+        self.metrics
+            .snapshot(objects.services.len(), snap.nodes.len(), revision);
+        self.target.store(Some(Arc::new(snap)));
+    }
+}
+
+async fn sync_and_follow(store: &Arc<dyn Store>, publish: &Publish<'_>) -> Result<(), StoreError> {
     let mut objects = Objects::default();
     // All three lists at one revision, so the first snapshot is consistent.
     let (svcs, rev) = list_all(store, SERVICES, None).await?;
@@ -140,7 +165,7 @@ async fn sync_and_follow(
     for kv in svcs.iter().chain(&slices).chain(&pods) {
         objects.apply_value(&kv.key, &kv.value);
     }
-    target.store(Some(Arc::new(objects.snapshot(zone, rev))));
+    publish.swap(&objects, rev);
     tracing::info!(
         revision = rev,
         services = objects.services.len(),
@@ -185,7 +210,7 @@ async fn sync_and_follow(
             }
         }
         if changed {
-            target.store(Some(Arc::new(objects.snapshot(zone, revision))));
+            publish.swap(&objects, revision);
             tracing::debug!(revision, "DNS snapshot swapped");
         }
     }

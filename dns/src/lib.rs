@@ -7,14 +7,21 @@
 //! loads the current snapshot without locking; until the first sync the
 //! zone answers SERVFAIL. Names outside the zone (and reverse names of
 //! addresses the cluster does not own) go to the upstreams of
-//! resolv.conf through a cache ([`forward`]).
+//! resolv.conf through a cache ([`forward`]); so do the targets of
+//! ExternalNames outside the zone, whose records are appended to the CNAME.
+//!
+//! UDP is served by plain threads, one per SO_REUSEPORT socket (`udp`);
+//! TCP by hickory's server. Both share one handler. Counters are served in
+//! Prometheus format (CoreDNS's names) on `metrics_listen` (`metrics_http`).
 
 mod answer;
 mod feed;
 pub mod forward;
 pub mod metrics;
+mod metrics_http;
 pub mod model;
 mod server;
+mod udp;
 
 pub use forward::{ForwardConfig, upstreams_from_resolv_conf};
 pub use metrics::Metrics;
@@ -50,6 +57,27 @@ pub struct DnsConfig {
     /// Idle TCP connections are closed after this long.
     pub tcp_timeout: Duration,
     pub forward: ForwardConfig,
+    /// Where to serve Prometheus metrics over HTTP (GET /metrics); None:
+    /// not served. `skep server` uses CoreDNS's 127.0.0.1:9153.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// A metrics listen address as written on a command line: `ADDR:PORT`, or
+/// `off` for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("{s:?} is neither ADDR:PORT (e.g. 127.0.0.1:9153) nor \"off\""))
+    }
 }
 
 impl DnsConfig {
@@ -76,6 +104,7 @@ impl DnsConfig {
                 upstreams,
                 ..ForwardConfig::default()
             },
+            metrics_listen: None,
         }
     }
 }
@@ -93,6 +122,10 @@ pub struct DnsServer {
     local_addr: SocketAddr,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
     metrics: Arc<Metrics>,
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// Stops the UDP threads when dropped.
+    _udp: udp::UdpThreads,
     feed: tokio::task::JoinHandle<()>,
     /// Stops the hickory server when sent (or dropped).
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -109,6 +142,11 @@ impl DnsServer {
         &self.metrics
     }
 
+    /// The address /metrics is served on, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// True once the first full list of the store has been loaded.
     pub fn synced(&self) -> bool {
         self.snapshot.load().is_some()
@@ -118,6 +156,9 @@ impl DnsServer {
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.feed.abort();
+        if let Some(t) = &self.metrics_task {
+            t.abort();
+        }
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -141,23 +182,34 @@ pub async fn start(config: DnsConfig, store: Arc<dyn Store>) -> Result<DnsServer
             source,
         })?;
     let snapshot = Arc::new(ArcSwapOption::<Snapshot>::empty());
-    let metrics = Arc::new(Metrics::default());
-    let handler = server::Handler {
-        snapshot: snapshot.clone(),
-        settings: answer::ZoneSettings {
-            zone: zone.clone(),
-            ttl: config.ttl,
-            pod_records: config.pod_records,
+    let metrics = Arc::new(Metrics::new(format!("dns://{local_addr}")));
+    // A metrics port in use (another skep on this machine, a CoreDNS) must
+    // not take name resolution down with it: warn and serve DNS anyway.
+    let (metrics_addr, metrics_task) = match config.metrics_listen {
+        None => (None, None),
+        Some(addr) => match metrics_http::serve(addr, metrics.clone()).await {
+            Ok((a, t)) => {
+                tracing::info!(addr = %a, "DNS metrics on http://{a}/metrics");
+                (Some(a), Some(t))
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot serve DNS metrics; continuing without");
+                (None, None)
+            }
         },
+    };
+    let handler = server::SharedHandler(Arc::new(server::Handler {
+        snapshot: snapshot.clone(),
+        settings: answer::ZoneSettings::new(zone.clone(), config.ttl, config.pod_records),
         forwarder: forward::Forwarder::new(config.forward.clone()),
         metrics: metrics.clone(),
-    };
-    // hickory's server: a task per UDP datagram lets one busy socket use
-    // both cores (an inline per-socket loop measured no faster here).
+    }));
+    // UDP on our own threads (see `udp` for why); TCP on hickory's server.
+    let udp_threads = udp::spawn(udp, handler.clone()).map_err(|source| DnsError::Bind {
+        addr: local_addr,
+        source,
+    })?;
     let mut srv = hickory_server::Server::new(handler);
-    for s in udp {
-        srv.register_socket(s);
-    }
     srv.register_listener(tcp, config.tcp_timeout, 64);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -172,12 +224,15 @@ pub async fn start(config: DnsConfig, store: Arc<dyn Store>) -> Result<DnsServer
             }
         }
     });
-    let feed = tokio::spawn(feed::run(store, zone, snapshot.clone()));
+    let feed = tokio::spawn(feed::run(store, zone, snapshot.clone(), metrics.clone()));
     tracing::info!(%local_addr, "cluster DNS listening (UDP and TCP)");
     Ok(DnsServer {
         local_addr,
         snapshot,
         metrics,
+        metrics_addr,
+        metrics_task,
+        _udp: udp_threads,
         feed,
         shutdown: Some(tx),
     })

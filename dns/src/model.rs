@@ -223,7 +223,7 @@ impl Node {
 pub struct Snapshot {
     /// The cluster domain, lowercase, without a trailing dot.
     pub(crate) zone: String,
-    pub(crate) nodes: HashMap<String, Node>,
+    pub(crate) nodes: NameMap<Node>,
     /// (namespace, address) of every pod, for [`PodRecords::Verified`].
     pub(crate) pod_ips: HashSet<(String, IpAddr)>,
     /// Store revision the snapshot reflects (the SOA serial).
@@ -287,9 +287,15 @@ fn addr_rdata(ip: IpAddr) -> RData {
     }
 }
 
+/// Names to data, looked up once (or more) per query: foldhash is several
+/// times cheaper than SipHash on these short keys, and its per-process
+/// seed still keeps the layout unpredictable. Keys come from the cluster's
+/// own objects, never from queries.
+pub(crate) type NameMap<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 struct Builder {
     zone: String,
-    nodes: HashMap<String, Node>,
+    nodes: NameMap<Node>,
 }
 
 impl Builder {
@@ -338,7 +344,7 @@ pub(crate) fn build<'a>(
 ) -> Snapshot {
     let mut b = Builder {
         zone: zone.to_owned(),
-        nodes: HashMap::new(),
+        nodes: NameMap::default(),
     };
     b.node(zone);
     b.node(&format!("svc.{zone}"));

@@ -4,6 +4,7 @@
 use crate::{
     answer::{self, Outcome, ZoneSettings},
     forward::Forwarder,
+    metrics::Proto,
     model::Snapshot,
 };
 use arc_swap::ArcSwapOption;
@@ -43,6 +44,23 @@ fn failed(request: &Request, rcode: ResponseCode) -> ResponseInfo {
     })
 }
 
+/// The handler shared by the TCP server (hickory's) and the UDP threads.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedHandler(pub Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for SharedHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.0
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(
@@ -56,8 +74,13 @@ impl RequestHandler for Handler {
             [q] => q.query_type(),
             _ => RecordType::Unknown(0),
         };
+        let proto = match request.protocol() {
+            hickory_server::net::xfer::Protocol::Udp => Proto::Udp,
+            _ => Proto::Tcp,
+        };
+        let ipv6 = request.src().is_ipv6();
         self.metrics
-            .query(qtype, info.response_code, started.elapsed());
+            .query(proto, ipv6, qtype, info.response_code, started.elapsed());
         info
     }
 }
@@ -72,11 +95,33 @@ impl Handler {
         metadata.recursion_available = true;
         // Echo EDNS with our own payload size; hickory truncates the reply
         // (TC) to it on UDP, or to 512 bytes when the query had no EDNS.
-        let edns = request.edns.as_ref().map(|req| {
+        let mut edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
             e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
             e
         });
+        // RFC 6891 §6.1.3: we speak EDNS version 0 only; a higher version
+        // gets BADVERS (16: its upper bits travel in the OPT record, the
+        // header's rcode is 0) and our own version-0 OPT, nothing else.
+        if let (Some(req), Some(e)) = (request.edns.as_ref(), edns.as_mut())
+            && req.version() != 0
+        {
+            e.set_version(0);
+            e.set_rcode_high(ResponseCode::BADVERS.high());
+            let builder = MessageResponseBuilder::new(&request.queries, Some(&*e));
+            let mut m = metadata;
+            m.response_code = ResponseCode::BADVERS;
+            return match response_handle
+                .send_response(builder.build_no_records(m))
+                .await
+            {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sending a DNS response failed");
+                    failed(request, ResponseCode::ServFail)
+                }
+            };
+        }
         let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
 
         let send_error = |rcode| {
@@ -105,14 +150,18 @@ impl Handler {
                     .send_response(builder.build_no_records(send_error(rcode)))
                     .await
             }
-            Ok(Some(reply)) => {
+            Ok(Some(mut reply)) => {
                 metadata.authoritative = true;
+                if let Some(target) = reply.chase.take() {
+                    self.chase_upstream(&mut reply, &target, queries[0].original())
+                        .await;
+                }
                 metadata.response_code = reply.rcode;
                 response_handle
                     .send_response(builder.build(
                         metadata,
                         reply.answers.iter(),
-                        std::iter::empty::<&Record>(),
+                        reply.authorities.iter(),
                         reply.soa.iter(),
                         reply.additionals.iter(),
                     ))
@@ -170,17 +219,58 @@ impl Handler {
     }
 }
 
+impl Handler {
+    /// An ExternalName's CNAME points outside the zone: resolve the target
+    /// through the forwarder (same upstreams and cache as forwarded names)
+    /// and append its records, as CoreDNS does, so clients get addresses in
+    /// one round trip. The rcode becomes the target's (RFC 6604: it
+    /// describes the last name of the chain). If the upstreams fail, the
+    /// CNAME alone is still a correct NOERROR answer: the client's resolver
+    /// may follow it itself, which beats a SERVFAIL for a name that exists.
+    async fn chase_upstream(
+        &self,
+        reply: &mut answer::Reply,
+        target: &hickory_server::proto::rr::Name,
+        q: &hickory_server::proto::op::Query,
+    ) {
+        match self
+            .forwarder
+            .resolve(target, q.query_type(), q.query_class())
+            .await
+        {
+            Ok((up, cached)) => {
+                self.metrics.cache(cached);
+                if !matches!(up.rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+                    tracing::debug!(%target, rcode = %up.rcode, "upstream refused an ExternalName target");
+                    return;
+                }
+                reply.rcode = up.rcode;
+                let found = !up.answers.is_empty();
+                reply.answers.extend(up.answers);
+                if !found {
+                    // The upstream's SOA explains the negative answer.
+                    reply.authorities.extend(up.authorities);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "chasing an ExternalName target failed");
+            }
+        }
+    }
+}
+
+/// The UDP sockets (blocking std sockets for [`crate::udp`]'s threads), the
+/// TCP listener and the address bound.
+type Bound = (
+    Vec<std::net::UdpSocket>,
+    tokio::net::TcpListener,
+    SocketAddr,
+);
+
 /// Binds `count` UDP sockets on one address with SO_REUSEPORT (the kernel
 /// spreads datagrams over them, so each core can serve its own socket) and
 /// a TCP listener on the same port.
-pub(crate) fn bind(
-    addr: SocketAddr,
-    count: usize,
-) -> std::io::Result<(
-    Vec<tokio::net::UdpSocket>,
-    tokio::net::TcpListener,
-    SocketAddr,
-)> {
+pub(crate) fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Bound> {
     // Port 0: the kernel picks the TCP port, and the UDP port may then be
     // taken by someone else; pick again a few times.
     let attempts = if addr.port() == 0 { 20 } else { 1 };
@@ -195,14 +285,7 @@ pub(crate) fn bind(
     Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
 }
 
-fn bind_once(
-    addr: SocketAddr,
-    count: usize,
-) -> std::io::Result<(
-    Vec<tokio::net::UdpSocket>,
-    tokio::net::TcpListener,
-    SocketAddr,
-)> {
+fn bind_once(addr: SocketAddr, count: usize) -> std::io::Result<Bound> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = Domain::for_address(addr);
     // TCP first, without SO_REUSEPORT: owning the TCP port keeps another
@@ -224,9 +307,8 @@ fn bind_once(
         // net.core.rmem_max, which is fine.
         let _ = s.set_recv_buffer_size(4 << 20);
         let _ = s.set_send_buffer_size(4 << 20);
-        s.set_nonblocking(true)?;
         s.bind(&addr.into())?;
-        udp.push(tokio::net::UdpSocket::from_std(s.into())?);
+        udp.push(s.into());
     }
     Ok((udp, tcp, addr))
 }

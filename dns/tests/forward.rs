@@ -137,16 +137,76 @@ async fn metrics_count_queries_rcodes_and_cache_hits() {
     assert_eq!(m.queries("A", "NXDOMAIN"), 2);
     assert_eq!((m.cache_misses(), m.cache_hits()), (1, 1));
     let text = m.prometheus();
-    assert!(
-        text.contains("skep_dns_queries_total{type=\"A\",rcode=\"NXDOMAIN\"} 2"),
-        "{text}"
+    let server = format!("server=\"dns://{}\"", c.addr());
+    for line in [
+        format!(
+            "coredns_dns_requests_total{{{server},zone=\".\",proto=\"udp\",family=\"1\",type=\"A\"}} 3"
+        ),
+        format!(
+            "coredns_dns_requests_total{{{server},zone=\".\",proto=\"tcp\",family=\"1\",type=\"A\"}} 3"
+        ),
+        format!(
+            "coredns_dns_responses_total{{{server},zone=\".\",proto=\"udp\",type=\"A\",rcode=\"NXDOMAIN\"}} 1"
+        ),
+        format!("coredns_dns_request_duration_seconds_count{{{server},zone=\".\"}} 6"),
+        format!("coredns_cache_hits_total{{{server}}} 1"),
+        format!("coredns_cache_misses_total{{{server}}} 1"),
+        format!("skep_dns_snapshot_services{{{server}}} 1"),
+    ] {
+        assert!(text.contains(&line), "{line} missing from:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_over_http() {
+    let c = Cluster::start_with(
+        &[service(
+            "default",
+            "web",
+            "10.43.0.20",
+            serde_json::json!([]),
+        )],
+        |cfg| cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap()),
+    )
+    .await;
+    let http_addr = c.dns.metrics_addr().expect("metrics served");
+    let _ = c
+        .both("web.default.svc.cluster.local.", RecordType::A)
+        .await;
+    let want = format!(
+        "coredns_dns_responses_total{{server=\"dns://{}\",zone=\".\",proto=\"tcp\",type=\"A\",rcode=\"NOERROR\"}} 1",
+        c.addr()
     );
-    assert!(
-        text.contains("skep_dns_request_duration_seconds_count 6"),
-        "{text}"
+    let mut body = String::new();
+    for _ in 0..100 {
+        let (status, b) = http(http_addr, "GET", "/metrics").await;
+        assert_eq!(status, 200, "{b}");
+        body = b;
+        if body.contains(&want) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(body.contains(&want), "{want} missing from:\n{body}");
+    assert!(body.contains("# TYPE coredns_dns_request_duration_seconds histogram"));
+    assert!(body.contains("coredns_dns_request_duration_seconds_bucket{"));
+    assert!(body.contains("skep_dns_snapshot_services{"));
+    assert_eq!(http(http_addr, "GET", "/").await.0, 404);
+    assert_eq!(http(http_addr, "GET", "/metricsx").await.0, 404);
+    assert_eq!(http(http_addr, "POST", "/metrics").await.0, 404);
+    // Dropping the server closes the metrics listener too.
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(http_addr).await.is_err());
+}
+
+#[test]
+fn metrics_listen_flag_values() {
+    use skep_dns::MetricsListen;
+    assert_eq!(
+        "127.0.0.1:9153".parse::<MetricsListen>().unwrap(),
+        MetricsListen(Some("127.0.0.1:9153".parse().unwrap()))
     );
-    assert!(
-        text.contains("skep_dns_forward_cache_hits_total 1"),
-        "{text}"
-    );
+    assert_eq!("off".parse::<MetricsListen>().unwrap(), MetricsListen(None));
+    assert!("9153".parse::<MetricsListen>().is_err());
 }

@@ -191,11 +191,133 @@ async fn external_name_is_a_cname_chased_inside_the_zone() {
         .both("ext.default.svc.cluster.local.", RecordType::CNAME)
         .await;
     assert_eq!(data(&m.answers), [WEB]);
-    // A target outside the zone is left to the client's resolver.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_name_outside_the_zone_is_chased_through_the_upstreams() {
+    let c = Cluster::start(&objects()).await;
+    let stub = c.upstream.as_ref().unwrap();
+    // A/AAAA: the CNAME, then the target's records from the upstream.
     let m = c
         .both("out.default.svc.cluster.local.", RecordType::A)
         .await;
+    assert_eq!(rcode(&m), ResponseCode::NoError);
+    assert_eq!(data(&m.answers), ["192.0.2.1", "www.example.test."]);
+    assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
+    assert_eq!(m.answers[1].name.to_ascii(), "www.example.test.");
+    // UDP then TCP: the second came from the forwarder's cache.
+    assert_eq!(stub.count(), 1);
+    assert_eq!(
+        (c.dns.metrics().cache_misses(), c.dns.metrics().cache_hits()),
+        (1, 1)
+    );
+    // The target does not exist upstream: the rcode describes it (RFC
+    // 6604), with the upstream's SOA; the CNAME is still there.
+    c.put(&external("default", "gone", "nothing.example.org"))
+        .await;
+    let gone = "gone.default.svc.cluster.local.";
+    c.eventually(
+        gone,
+        RecordType::A,
+        std::time::Duration::from_secs(2),
+        |m| !m.answers.is_empty(),
+    )
+    .await;
+    let m = c.both(gone, RecordType::A).await;
+    assert_eq!(rcode(&m), ResponseCode::NXDomain);
+    assert_eq!(data(&m.answers), ["nothing.example.org."]);
+    assert!(has_soa(&m));
+    // Other types are not chased: the CNAME alone.
+    let count = stub.count();
+    let m = c
+        .both("out.default.svc.cluster.local.", RecordType::TXT)
+        .await;
+    assert_eq!(rcode(&m), ResponseCode::NoError);
     assert_eq!(data(&m.answers), ["www.example.test."]);
+    assert_eq!(stub.count(), count);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_name_target_with_upstream_down_is_the_cname_alone() {
+    let c = Cluster::start_with(&objects(), |cfg| {
+        // A loopback port nobody listens on: refused at once.
+        cfg.forward.upstreams = vec!["127.0.0.1:9".parse().unwrap()];
+        cfg.forward.timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let m = c
+        .both("out.default.svc.cluster.local.", RecordType::A)
+        .await;
+    assert_eq!(rcode(&m), ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(data(&m.answers), ["www.example.test."]);
+}
+
+/// A query for `web` A with an OPT record carrying `version` and the raw
+/// option bytes `options` (RFC 6891 wire format), built by hand so that
+/// malformed OPTs can be sent.
+fn query_with_opt(id: u16, version: u8, options: &[u8]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1]);
+    for label in WEB.trim_end_matches('.').split('.') {
+        b.push(label.len() as u8);
+        b.extend_from_slice(label.as_bytes());
+    }
+    b.push(0);
+    b.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+    b.push(0); // root owner
+    b.extend_from_slice(&41u16.to_be_bytes()); // OPT
+    b.extend_from_slice(&1232u16.to_be_bytes()); // payload size
+    b.extend_from_slice(&[0, version, 0, 0]); // ext-rcode, version, flags
+    b.extend_from_slice(&(options.len() as u16).to_be_bytes());
+    b.extend_from_slice(options);
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edns_version_above_zero_is_badvers() {
+    let c = Cluster::start(&objects()).await;
+    for t in [Transport::Udp, Transport::Tcp] {
+        let raw = exchange(c.addr(), &query_with_opt(0x5a5a, 1, &[]), t)
+            .await
+            .unwrap_or_else(|| panic!("no reply over {t:?}"));
+        assert_eq!(raw[0..2], [0x5a, 0x5a], "{t:?}: id");
+        // Header rcode bits 0: BADVERS (16) lives wholly in the OPT TTL.
+        assert_eq!(raw[3] & 0x0f, 0, "{t:?}: header rcode");
+        let m = hickory_server::proto::op::Message::from_vec(&raw).unwrap();
+        let edns = m.edns.as_ref().expect("an OPT record in the reply");
+        assert_eq!(edns.version(), 0, "{t:?}: our version");
+        assert_eq!(edns.rcode_high(), 1, "{t:?}: extended rcode bits");
+        // 16 is BADVERS for OPT (RFC 6891) and BADSIG for TSIG: hickory
+        // decodes it as the latter, so compare the number.
+        assert_eq!(u16::from(rcode(&m)), 16, "{t:?}: BADVERS");
+        assert!(m.answers.is_empty(), "{t:?}: no answer with BADVERS");
+        // Version 0 with the same query is answered normally.
+        let raw = exchange(c.addr(), &query_with_opt(0x5a5b, 0, &[]), t)
+            .await
+            .unwrap();
+        let m = hickory_server::proto::op::Message::from_vec(&raw).unwrap();
+        assert_eq!(rcode(&m), ResponseCode::NoError, "{t:?}");
+        assert_eq!(data(&m.answers), ["10.43.0.20"], "{t:?}");
+    }
+    let metrics = c.dns.metrics();
+    assert_eq!(metrics.queries("A", "BADVERS"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_edns_option_is_formerr() {
+    let c = Cluster::start(&objects()).await;
+    // A COOKIE option (10) claiming 40 bytes with none following.
+    let bad = [0, 10, 0, 40];
+    for t in [Transport::Udp, Transport::Tcp] {
+        let raw = exchange(c.addr(), &query_with_opt(0x6b6b, 0, &bad), t)
+            .await
+            .unwrap_or_else(|| panic!("no reply over {t:?}"));
+        assert_eq!(raw[0..2], [0x6b, 0x6b], "{t:?}: id");
+        assert_eq!(raw[2] & 0x80, 0x80, "{t:?}: a response");
+        assert_eq!(raw[3] & 0x0f, 1, "{t:?}: FORMERR");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

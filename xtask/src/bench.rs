@@ -37,6 +37,10 @@ pub enum BenchTarget {
     /// agent memory idle and with 100 pods (`cargo bench -p skep --bench
     /// pods`; as root).
     Pods,
+    /// What a cluster costs: start → node Ready and → demo pods Ready,
+    /// server and agent memory idle and with 100 pods, binary size
+    /// (`cargo bench -p skep --bench footprint`; as root).
+    Footprint,
 }
 
 /// How to run one benchmark.
@@ -83,6 +87,12 @@ impl BenchTarget {
                 bench: "pods",
                 example: false,
                 report: "target/bench/pods.json",
+            },
+            Self::Footprint => Bench {
+                package: "skep",
+                bench: "footprint",
+                example: false,
+                report: "target/bench/footprint.json",
             },
             Self::Dns => Bench {
                 package: "skep-dns",

@@ -49,6 +49,9 @@ const APT_PACKAGES: &[&str] = &[
     "nsd",
     // The docker runtime's tests start a private dockerd.
     "docker.io",
+    // The web console's browser tests (control/skep/tests/console_browser.rs).
+    "chromium",
+    "chromium-driver",
 ];
 
 /// Python packages of the API tests: the official Kubernetes client, pinned.

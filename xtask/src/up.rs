@@ -551,12 +551,33 @@ fn demo(kubeconfig: &Path, skep: &Path) -> Result<()> {
             "`skep ctl flows` should show the client's FORWARDED and the intruder's DROPPED flows"
         );
     }
+    println!("\n[up] the cluster's health (control plane checks, nodes and their dataplanes):");
+    println!("$ skep ctl status");
+    let out = Command::new(skep)
+        .args(["ctl", "status"])
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .context("running skep ctl status")?;
+    print!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("`skep ctl status` reports the cluster unhealthy (see above)");
+    }
     Ok(())
 }
 
 fn print_footer(sb: &Sandbox) {
     let kc = fs::canonicalize(sb.kubeconfig()).unwrap_or_else(|_| sb.kubeconfig());
-    println!("\nexport KUBECONFIG={}", kc.display());
+    let token = sb.state_dir().join("server/admin-token");
+    println!(
+        "\n# web console: https://{}:{API_PORT}/ui (sign in with the token in {}; the certificate is the cluster CA's)",
+        sb.sandbox_ip(),
+        fs::canonicalize(&token).unwrap_or(token).display()
+    );
+    println!("export KUBECONFIG={}", kc.display());
     println!("# stop and remove everything: cargo xtask down");
 }
 
@@ -680,6 +701,7 @@ fn kill_cgroups(name: &str) {
         "/sys/fs/cgroup/memory",
         "/sys/fs/cgroup/cpu",
         "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/cpuacct",
         "/sys/fs/cgroup",
     ] {
         let top = Path::new(root).join(name);

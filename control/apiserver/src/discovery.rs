@@ -124,6 +124,7 @@ pub fn groups(registry: &Registry) -> Value {
         .iter()
         .filter(|g| !g.group.is_empty())
         .map(|g| group_doc(&g.group, &g.versions))
+        .chain(std::iter::once(crate::metrics_api::group_doc()))
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
@@ -208,6 +209,10 @@ pub fn aggregated(registry: &Registry, core: bool, version: &str) -> Value {
             })
             .collect();
         items.push(json!({"metadata": {"name": g.group}, "versions": versions}));
+    }
+    // metrics.k8s.io is served by `metrics_api`, outside the registry.
+    if !core {
+        items.push(crate::metrics_api::aggregated_item());
     }
     json!({
         "kind": "APIGroupDiscoveryList",

@@ -9,11 +9,15 @@
 
 pub mod allocators;
 pub mod api;
+pub mod cert_reload;
+pub mod console;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
 pub mod flows_relay;
+pub mod health;
 pub mod lifecycle;
+pub mod metrics_api;
 pub mod node_proxy;
 pub mod objects;
 pub mod openapi;
@@ -21,6 +25,7 @@ pub mod openapi_schemas;
 pub mod openapi_v2;
 pub mod patch;
 pub mod pki;
+pub mod prometheus;
 pub mod protobuf;
 pub mod rbac;
 pub mod resources;

@@ -348,6 +348,8 @@ pub fn bootstrap_objects() -> Vec<(&'static str, Value)> {
         "networking.k8s.io",
         "discovery.k8s.io",
         "policy",
+        // PodMetrics (`kubectl top pod`) for whoever may read pods.
+        "metrics.k8s.io",
         "coordination.k8s.io"
     ]);
     vec![
@@ -418,6 +420,22 @@ pub fn bootstrap_objects() -> Vec<(&'static str, Value)> {
             {"apiGroups": [""], "resources": ["nodes", "nodes/status", "pods", "pods/status", "events", "configmaps", "secrets", "services", "endpoints", "serviceaccounts/token", "persistentvolumeclaims", "persistentvolumes", "namespaces"], "verbs": write},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": write},
             {"apiGroups": ["discovery.k8s.io", "networking.k8s.io"], "resources": ["*"], "verbs": read}]),
+            ),
+        ),
+        // Scrapers of the API server's /metrics (kube-apiserver's role).
+        (
+            "clusterroles",
+            cr(
+                "system:monitoring",
+                json!([{"nonResourceURLs": ["/healthz", "/healthz/*", "/livez", "/livez/*", "/readyz", "/readyz/*", "/metrics"], "verbs": ["get"]}]),
+            ),
+        ),
+        (
+            "clusterrolebindings",
+            crb(
+                "system:monitoring",
+                "system:monitoring",
+                json!([{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:monitoring"}]),
             ),
         ),
         (

@@ -24,7 +24,12 @@ pub enum Route {
     OpenApiV3(Option<String>),
     /// `/skep/v1/flows`: the flow relay (`flows_relay`).
     Flows,
+    /// `/apis/metrics.k8s.io/…`: served by `metrics_api`, not the store.
+    MetricsApi(crate::metrics_api::MetricsRoute),
     Resource(ResourceRoute),
+    /// `/ui/…`: the web console's static assets (`console`); the path
+    /// below `/ui`.
+    Console(String),
 }
 
 #[derive(Debug, Clone)]
@@ -49,11 +54,15 @@ pub fn parse(path: &str, registry: &Registry) -> Option<Route> {
         ["version"] => return Some(Route::Version),
         ["metrics"] => return Some(Route::Metrics),
         ["skep", "v1", "flows"] => return Some(Route::Flows),
+        ["ui", rest @ ..] => return Some(Route::Console(rest.join("/"))),
         ["openapi", "v2"] => return Some(Route::OpenApiV2),
         ["openapi", "v3"] => return Some(Route::OpenApiV3(None)),
         ["openapi", "v3", rest @ ..] => return Some(Route::OpenApiV3(Some(rest.join("/")))),
         ["api"] => return Some(Route::CoreVersions),
         ["apis"] => return Some(Route::Groups),
+        ["apis", crate::metrics_api::GROUP, rest @ ..] => {
+            return crate::metrics_api::parse(rest).map(Route::MetricsApi);
+        }
         ["apis", group] => return Some(Route::Group((*group).to_owned())),
         _ => {}
     }

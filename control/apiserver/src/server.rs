@@ -3,8 +3,9 @@
 
 use crate::{
     api::{self, Api, PatchType, Query},
-    discovery, flows_relay, lifecycle, node_proxy, objects, openapi,
+    discovery, flows_relay, lifecycle, metrics_api, node_proxy, objects, openapi,
     pki::{self, Credentials},
+    prometheus::Metrics,
     rbac, reviews,
     routes::{self, ResourceRoute, Route},
     status::ApiError,
@@ -19,14 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use skep_store::Store;
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -68,6 +62,8 @@ pub struct ServerHandle {
     pub local_addr: SocketAddr,
     pub credentials: Credentials,
     pub api: Arc<Api>,
+    /// Readiness checks; the binary adds its own (cluster DNS, …).
+    pub health: crate::health::HealthChecks,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,35 +71,6 @@ impl ServerHandle {
     /// Waits until the server stops (it only stops when aborted).
     pub async fn wait(self) {
         let _ = self.task.await;
-    }
-}
-
-/// Request counters for /metrics (apiserver_request_total).
-#[derive(Debug, Default)]
-struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-}
-
-impl Metrics {
-    fn record(&self, verb: &str, resource: &str, code: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((verb.to_owned(), resource.to_owned(), code))
-                .or_default() += 1;
-        }
-    }
-
-    fn render(&self) -> String {
-        let mut out = String::from(
-            "# HELP apiserver_request_total Counter of apiserver requests broken out for each verb, resource and HTTP response code.\n# TYPE apiserver_request_total counter\n",
-        );
-        if let Ok(m) = self.requests.lock() {
-            for ((verb, resource, code), n) in m.iter() {
-                out.push_str(&format!(
-                    "apiserver_request_total{{verb=\"{verb}\",resource=\"{resource}\",code=\"{code}\"}} {n}\n"
-                ));
-            }
-        }
-        out
     }
 }
 
@@ -125,6 +92,8 @@ struct State {
     openapi: openapi::Cache,
     node_proxy: node_proxy::NodeProxy,
     flows_relay: flows_relay::FlowsRelay,
+    health: crate::health::HealthChecks,
+    metrics_source: Arc<metrics_api::MetricsSource>,
 }
 
 impl State {
@@ -449,20 +418,23 @@ pub async fn serve(
     let server_url = format!("https://{client_host}:{}", local_addr.port());
     let credentials = pki::load_or_create(&config.data_dir, &sans, &server_url)?;
 
-    let certs: Vec<_> = rustls_pemfile::certs(&mut credentials.server_cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let key = rustls_pemfile::private_key(&mut credentials.server_key_pem.as_bytes())
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .ok_or_else(|| ServeError::Tls("no private key in the serving key file".into()))?;
+    // The serving certificate is read again on SIGHUP and when its files
+    // change (an operator's rotation), without a restart.
+    let serving = crate::cert_reload::ReloadingCert::new(
+        config.data_dir.join("tls/server.crt"),
+        config.data_dir.join("tls/server.key"),
+        credentials.server_cert_pem.as_bytes(),
+        credentials.server_key_pem.as_bytes(),
+    )
+    .map_err(ServeError::Tls)?;
+    serving.spawn_watcher();
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| ServeError::Tls(e.to_string()))?
     .with_client_cert_verifier(client_verifier(&credentials.ca_cert_pem)?)
-    .with_single_cert(certs, key)
-    .map_err(|e| ServeError::Tls(e.to_string()))?;
+    .with_cert_resolver(serving);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
 
@@ -485,6 +457,11 @@ pub async fn serve(
             .map_err(|e| ServeError::Tls(e.to_string()))?,
     );
 
+    let health = crate::health::HealthChecks::default();
+    // metrics.k8s.io; the in-process HPA controller finds it through `api`.
+    let metrics_source =
+        Arc::new(metrics_api::MetricsSource::new(&credentials).map_err(ServeError::Tls)?);
+    metrics_api::register(&api, metrics_source.clone());
     let state = Arc::new(State {
         api: api.clone(),
         admin_token: credentials.admin_token.clone(),
@@ -495,6 +472,8 @@ pub async fn serve(
         openapi: openapi::Cache::default(),
         node_proxy: node_proxy::NodeProxy::new(&credentials).map_err(ServeError::Tls)?,
         flows_relay: flows_relay::FlowsRelay::new(&credentials).map_err(ServeError::Tls)?,
+        health: health.clone(),
+        metrics_source: metrics_source.clone(),
     });
     tracing::info!(%local_addr, kubeconfig = %credentials.kubeconfig_path.display(), "API server listening");
     let task = tokio::spawn(async move {
@@ -542,6 +521,7 @@ pub async fn serve(
         local_addr,
         credentials,
         api,
+        health,
         task,
     })
 }
@@ -576,15 +556,26 @@ async fn handle(
 ) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
+    let _inflight = state.metrics.inflight(!matches!(
+        method,
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ));
     let path = req.uri().path().to_owned();
     let query = parse_query(req.uri().query());
     let route = routes::parse(&path, &state.api.registry);
-    let public = matches!(route, Some(Route::Health(_)) | Some(Route::Version));
+    // The console's assets hold no data: the page fetches everything with
+    // the user's token.
+    let public = matches!(
+        route,
+        Some(Route::Health(_)) | Some(Route::Version) | Some(Route::Console(_))
+    );
     let user = match state.authenticate(&req, cert_user).await {
         Some(u) => match impersonate(&state, &req, u) {
             Ok(u) => Some(u),
             Err(e) => {
-                state.metrics.record("impersonate", "", e.code());
+                state
+                    .metrics
+                    .record("impersonate", "", e.code(), started.elapsed());
                 return error_response(&e);
             }
         },
@@ -630,6 +621,36 @@ async fn handle(
                 };
                 (resp, verb, resource)
             }
+            Some(Route::Console(asset)) => (
+                crate::console::respond(&method, &asset).map(full),
+                "get",
+                String::new(),
+            ),
+            Some(Route::MetricsApi(m)) => {
+                let user = user.unwrap_or(User {
+                    name: "system:anonymous".into(),
+                    groups: vec!["system:unauthenticated".into()],
+                });
+                // Discovery documents are authorized by path, like /apis.
+                let attrs = metrics_api::attributes(&m).unwrap_or(rbac::Attributes {
+                    verb: "get".into(),
+                    path: Some(path.clone()),
+                    ..Default::default()
+                });
+                let verb = if attrs.verb == "list" { "list" } else { "get" };
+                let resource = attrs.resource.clone();
+                let resp = if method != Method::GET {
+                    error_response(&ApiError::MethodNotAllowed)
+                } else if !state.authorizer.authorize(&user, &attrs).0 {
+                    error_response(&forbidden(&user, &attrs))
+                } else {
+                    match state.metrics_source.handle(&state.api, &m, &query).await {
+                        Ok(v) => json_response(200, &v, "application/json"),
+                        Err(e) => error_response(&e),
+                    }
+                };
+                (resp, verb, resource)
+            }
             Some(other) => {
                 let user = user.unwrap_or(User {
                     name: "system:anonymous".into(),
@@ -642,6 +663,8 @@ async fn handle(
                 };
                 let resp = if !public && !state.authorizer.authorize(&user, &attrs).0 {
                     error_response(&forbidden(&user, &attrs))
+                } else if let Route::Health(endpoint) = other {
+                    health_response(&state, endpoint, &path, &query).await
                 } else if matches!(other, Route::Flows) {
                     match state.flows_relay.handle(&state.api, &query).await {
                         Ok(resp) => resp,
@@ -655,9 +678,45 @@ async fn handle(
         }
     };
     let code = response.status().as_u16();
-    state.metrics.record(verb, &resource, code);
+    state
+        .metrics
+        .record(verb, &resource, code, started.elapsed());
     tracing::debug!(%method, %path, code, latency_ms = started.elapsed().as_secs_f64() * 1e3, "request");
     response
+}
+
+/// /healthz, /livez, /readyz (optionally /readyz/<check>), with
+/// `verbose` and `exclude` as Kubernetes takes them.
+async fn health_response(
+    state: &State,
+    endpoint: &str,
+    path: &str,
+    query: &Query,
+) -> Response<Body> {
+    let only = path
+        .trim_matches('/')
+        .split('/')
+        .nth(1)
+        .filter(|s| !s.is_empty());
+    let verbose = query.contains_key("verbose") || only.is_some();
+    // (Repeated `exclude` parameters collapse to the last one in this
+    // server's query map; a comma-separated list is taken too.)
+    let exclude: Vec<String> = query
+        .get("exclude")
+        .map(|e| e.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let outcomes = crate::health::run(&state.api, &state.health, endpoint, only, &exclude).await;
+    if let Some(name) = only
+        && outcomes.is_empty()
+    {
+        return text_response(
+            404,
+            format!("no such check: {name}\n"),
+            "text/plain; charset=utf-8",
+        );
+    }
+    let (code, body) = crate::health::render(endpoint, &outcomes, verbose);
+    text_response(code, body, "text/plain; charset=utf-8")
 }
 
 fn non_resource(state: &State, req: &Request<Incoming>, route: Route) -> Response<Body> {
@@ -741,7 +800,10 @@ fn non_resource(state: &State, req: &Request<Incoming>, route: Route) -> Respons
             &crate::openapi_v2::document_json(registry),
             "application/json",
         ),
-        Route::Resource(_) | Route::Flows => error_response(&ApiError::NoRoute),
+        Route::Resource(_) | Route::Flows | Route::MetricsApi(_) => {
+            error_response(&ApiError::NoRoute)
+        }
+        Route::Console(_) => error_response(&ApiError::NoRoute),
     }
 }
 

@@ -78,6 +78,25 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             col("Object"),
             col("Message"),
         ],
+        ("", "persistentvolumes") => vec![
+            col("Name"),
+            col("Capacity"),
+            col("Access Modes"),
+            col("Reclaim Policy"),
+            col("Status"),
+            col("Claim"),
+            col("StorageClass"),
+            col("Reason"),
+            col("Age"),
+        ],
+        ("storage.k8s.io", "storageclasses") => vec![
+            col("Name"),
+            col("Provisioner"),
+            col("ReclaimPolicy"),
+            col("VolumeBindingMode"),
+            col("AllowVolumeExpansion"),
+            col("Age"),
+        ],
         ("", "persistentvolumeclaims") => vec![
             col("Name"),
             col("Status"),
@@ -132,6 +151,15 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             col("Status"),
             col("Completions"),
             col("Duration"),
+            col("Age"),
+        ],
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            col("Name"),
+            col("Reference"),
+            col("Targets"),
+            col("MinPods"),
+            int("MaxPods"),
+            int("Replicas"),
             col("Age"),
         ],
         ("batch", "cronjobs") => vec![
@@ -235,6 +263,59 @@ fn s(v: &Value, ptr: &str) -> String {
 
 fn n(v: &Value, ptr: &str) -> i64 {
     v.pointer(ptr).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// kubectl's TARGETS of an HPA: `cpu: 250%/50%, memory: 10Mi/100Mi`
+/// (current from status.currentMetrics, `<unknown>` until measured).
+fn hpa_targets(o: &Value) -> String {
+    let specs: Vec<Value> = match o.pointer("/spec/metrics").and_then(Value::as_array) {
+        Some(m) => m.clone(),
+        // autoscaling/v1 objects (and v2 without metrics): CPU at 80 %.
+        None => vec![
+            json!({"type": "Resource", "resource": {"name": "cpu", "target": {
+            "type": "Utilization",
+            "averageUtilization": o.pointer("/spec/targetCPUUtilizationPercentage").and_then(Value::as_i64).unwrap_or(80)}}}),
+        ],
+    };
+    let current = o
+        .pointer("/status/currentMetrics")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let parts: Vec<String> = specs
+        .iter()
+        .map(|m| {
+            let kind = s(m, "/type");
+            if kind != "Resource" {
+                return format!("<{}>", kind.to_lowercase());
+            }
+            let res = s(m, "/resource/name");
+            let cur = current
+                .iter()
+                .find(|c| s(c, "/type") == "Resource" && s(c, "/resource/name") == res);
+            if s(m, "/resource/target/type") == "Utilization" {
+                let now = cur
+                    .and_then(|c| c.pointer("/resource/current/averageUtilization"))
+                    .and_then(Value::as_i64)
+                    .map_or_else(|| "<unknown>".to_string(), |u| format!("{u}%"));
+                format!(
+                    "{res}: {now}/{}%",
+                    n(m, "/resource/target/averageUtilization")
+                )
+            } else {
+                let now = cur
+                    .map(|c| s(c, "/resource/current/averageValue"))
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| "<unknown>".to_string());
+                format!("{res}: {now}/{}", s(m, "/resource/target/averageValue"))
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        "<none>".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn or_none(s: String) -> String {
@@ -529,6 +610,58 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             )),
             json!(s(o, "/message")),
         ],
+        ("", "persistentvolumes") => {
+            let claim = if s(o, "/spec/claimRef/name").is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "{}/{}",
+                    s(o, "/spec/claimRef/namespace"),
+                    s(o, "/spec/claimRef/name")
+                )
+            };
+            vec![
+                name,
+                json!(s(o, "/spec/capacity/storage")),
+                json!(short_access_modes(o.pointer("/spec/accessModes"))),
+                json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
+                json!(s(o, "/status/phase")),
+                json!(claim),
+                json!(s(o, "/spec/storageClassName")),
+                json!(s(o, "/status/reason")),
+                age,
+            ]
+        }
+        ("storage.k8s.io", "storageclasses") => {
+            let default = o
+                .pointer("/metadata/annotations/storageclass.kubernetes.io~1is-default-class")
+                .and_then(Value::as_str)
+                == Some("true");
+            vec![
+                json!(if default {
+                    format!("{} (default)", objects::name(o))
+                } else {
+                    objects::name(o).to_owned()
+                }),
+                json!(s(o, "/provisioner")),
+                json!(if s(o, "/reclaimPolicy").is_empty() {
+                    "Delete".to_owned()
+                } else {
+                    s(o, "/reclaimPolicy")
+                }),
+                json!(if s(o, "/volumeBindingMode").is_empty() {
+                    "Immediate".to_owned()
+                } else {
+                    s(o, "/volumeBindingMode")
+                }),
+                json!(
+                    o.get("allowVolumeExpansion")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                ),
+                age,
+            ]
+        }
         ("", "persistentvolumeclaims") => vec![
             name,
             json!(s(o, "/status/phase")),
@@ -650,6 +783,23 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
                 age,
             ]
         }
+        ("autoscaling", "horizontalpodautoscalers") => vec![
+            name,
+            json!(format!(
+                "{}/{}",
+                s(o, "/spec/scaleTargetRef/kind"),
+                s(o, "/spec/scaleTargetRef/name")
+            )),
+            json!(hpa_targets(o)),
+            json!(
+                o.pointer("/spec/minReplicas")
+                    .and_then(Value::as_i64)
+                    .map_or_else(|| "<unset>".to_string(), |m| m.to_string())
+            ),
+            json!(n(o, "/spec/maxReplicas")),
+            json!(n(o, "/status/currentReplicas")),
+            age,
+        ],
         ("batch", "cronjobs") => vec![
             name,
             json!(s(o, "/spec/schedule")),
@@ -787,6 +937,26 @@ pub fn table(
         "columnDefinitions": defs,
         "rows": rows,
     })
+}
+
+/// Access modes as kubectl prints them (RWO, ROX, RWX, RWOP).
+fn short_access_modes(modes: Option<&Value>) -> String {
+    modes
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .map(|m| match m {
+                    "ReadWriteOnce" => "RWO",
+                    "ReadOnlyMany" => "ROX",
+                    "ReadWriteMany" => "RWX",
+                    "ReadWriteOncePod" => "RWOP",
+                    x => x,
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -224,9 +224,8 @@ impl Client {
         decode(status, &bytes, &format!("{method} {path}"))
     }
 
-    /// A GET whose answer is text (pod logs); a non-2xx answer is decoded
-    /// as the server's `Status`.
-    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+    /// A GET's status and raw body, whatever the status.
+    async fn get_raw(&self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
         let resp = self.send(Method::GET, path, None, "", "*/*").await?;
         let status = resp.status();
         let bytes = resp
@@ -239,10 +238,27 @@ impl Client {
                 detail: format!("reading the response: {e}"),
             })?
             .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// A GET whose answer is text (pod logs); a non-2xx answer is decoded
+    /// as the server's `Status`.
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let (status, bytes) = self.get_raw(path).await?;
         if !status.is_success() {
             return decode(status, &bytes, &format!("GET {path}")).map(|_| String::new());
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A GET whose answer is text whatever its status (health endpoints
+    /// answer 500 with a plain-text list of failed checks).
+    pub async fn get_text_status(&self, path: &str) -> Result<(u16, String), ClientError> {
+        let (status, bytes) = self.get_raw(path).await?;
+        Ok((
+            status.as_u16(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ))
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {

@@ -105,6 +105,8 @@ fn start_all(
     tasks.extend(CronJobController::start(client, &informers)?);
     tasks.extend(DaemonSetController::start(client, &informers)?);
     tasks.extend(StatefulSetController::start(client, &informers)?);
+    tasks.extend(crate::hpa::HpaController::start(client, &informers)?);
+    tasks.extend(crate::pv_binder::PvBinder::start(client, &informers)?);
     tasks.extend(Scheduler::start(client, &informers)?);
     tasks.extend(EndpointsController::start(client, &informers)?);
     tasks.extend(NodeLifecycle::start(

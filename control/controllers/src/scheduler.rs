@@ -11,6 +11,12 @@
 //!
 //! Bindings made but not yet visible in the pod cache are kept as
 //! "assumed", so back-to-back decisions account for each other.
+//!
+//! Volumes (`volume_scheduling`): a pod whose claims cannot be resolved
+//! (missing, deleting, unbound Immediate) is unschedulable everywhere;
+//! nodes a bound volume's affinity excludes are filtered out; unbound
+//! WaitForFirstConsumer claims get the chosen node in
+//! `volume.kubernetes.io/selected-node` before the pod is bound.
 
 use crate::{
     client::{Client, NODES, PODS},
@@ -19,6 +25,7 @@ use crate::{
     meta, quantity,
     queue::Queue,
     runner::{Reconciler, Requeue},
+    volume_scheduling::{self, ClaimPlan, VolumeInformers, VolumeMisfit},
 };
 use serde_json::{Value, json};
 use std::{
@@ -120,7 +127,11 @@ pub(crate) fn tolerates(pod: &Value, taint: &Value) -> bool {
 }
 
 /// One `nodeSelectorTerm`: every expression must hold.
-fn term_matches(term: &Value, labels: &BTreeMap<String, String>, node_name: &str) -> bool {
+pub(crate) fn term_matches(
+    term: &Value,
+    labels: &BTreeMap<String, String>,
+    node_name: &str,
+) -> bool {
     let exprs = term
         .get("matchExpressions")
         .and_then(Value::as_array)
@@ -195,6 +206,8 @@ enum Reject {
     HostPorts,
     PodAffinity,
     PodAntiAffinity,
+    VolumeConflict,
+    VolumeBinding,
 }
 
 impl Reject {
@@ -210,6 +223,8 @@ impl Reject {
             Reject::HostPorts => "node(s) didn't have free ports for the requested pod ports",
             Reject::PodAffinity => "node(s) didn't match pod affinity rules",
             Reject::PodAntiAffinity => "node(s) didn't match pod anti-affinity rules",
+            Reject::VolumeConflict => "node(s) had volume node affinity conflict",
+            Reject::VolumeBinding => "node(s) didn't find available persistent volumes to bind",
         }
     }
 }
@@ -306,6 +321,10 @@ struct Accounting {
     /// Where the next search starts, so nodes share the load of searches
     /// that stop early.
     next_start: usize,
+    /// Unbound WaitForFirstConsumer claims given a node by a decision
+    /// whose annotation the claim cache may not show yet (claim key →
+    /// node): every pod sharing the claim must go there.
+    claims: HashMap<String, String>,
 }
 
 impl Accounting {
@@ -334,6 +353,7 @@ pub struct Scheduler {
     nodes: Arc<Informer>,
     queue: Arc<Queue>,
     acct: Mutex<Accounting>,
+    volumes: VolumeInformers,
 }
 
 fn wants_scheduling(p: &Value) -> bool {
@@ -363,6 +383,11 @@ impl Scheduler {
             nodes: informers.get_or_create(client.info(NODES)?),
             queue: Queue::new(),
             acct: Mutex::new(Accounting::default()),
+            volumes: VolumeInformers {
+                claims: informers.get_or_create(client.info(crate::pv_binder::PVCS)?),
+                volumes: informers.get_or_create(client.info(crate::pv_binder::PVS)?),
+                classes: informers.get_or_create(client.info(crate::pv_binder::STORAGE_CLASSES)?),
+            },
         });
         let weak = Arc::downgrade(&s);
         s.pods.on_change(Arc::new(move |ch: &Change| {
@@ -441,6 +466,30 @@ impl Scheduler {
             }
             s.requeue_pending();
         }));
+        // Claims, volumes and classes decide where (and whether) pods with
+        // volumes fit.
+        let weak = Arc::downgrade(&s);
+        s.volumes.claims.on_change(Arc::new(move |ch: &Change| {
+            let Some(s) = weak.upgrade() else { return };
+            if let Some(o) = ch.object() {
+                let settled = ch.new.as_ref().is_none_or(|n| {
+                    !crate::pv_binder::volume_name(n).is_empty()
+                        || meta::annotation(n, crate::pv_binder::ANN_SELECTED_NODE).is_some()
+                });
+                if settled && let Ok(mut a) = s.acct.lock() {
+                    a.claims.remove(&meta::key(o));
+                }
+            }
+            s.requeue_pending();
+        }));
+        for inf in [&s.volumes.volumes, &s.volumes.classes] {
+            let weak = Arc::downgrade(&s);
+            inf.on_change(Arc::new(move |_: &Change| {
+                if let Some(s) = weak.upgrade() {
+                    s.requeue_pending();
+                }
+            }));
+        }
         // One worker makes every decision (each sees the previous ones);
         // bindings are written concurrently.
         Ok(crate::runner::spawn(
@@ -460,7 +509,7 @@ impl Scheduler {
 
     /// Picks a node and assumes the pod there; `Err` has the rejection
     /// counts and the number of nodes considered.
-    fn decide(&self, key: &str, pod: &Value) -> Option<Decision> {
+    fn decide(&self, key: &str, pod: &Value, plans: &[ClaimPlan]) -> Option<Decision> {
         let req = pod_requests(pod);
         let mut a = self.acct.lock().ok()?;
         if a.assumed.contains(key) {
@@ -504,6 +553,14 @@ impl Scheduler {
                     crate::interpod::Misfit::PodAntiAffinity => Reject::PodAntiAffinity,
                 });
             }
+            if why.is_empty()
+                && let Some(m) = volume_scheduling::node_misfit(plans, &n.obj)
+            {
+                why.push(match m {
+                    VolumeMisfit::AffinityConflict => Reject::VolumeConflict,
+                    VolumeMisfit::NoVolume => Reject::VolumeBinding,
+                });
+            }
             if why.is_empty() {
                 feasible.push((score(req, n.alloc, used), n));
                 if feasible.len() >= want {
@@ -522,6 +579,9 @@ impl Scheduler {
         let node = meta::name(&best.obj).to_owned();
         a.assumed.insert(key.to_owned());
         a.place(key, Some((node.clone(), req)));
+        for claim in volume_scheduling::claims_to_select(plans) {
+            a.claims.insert(claim, node.clone());
+        }
         Some(Ok(node))
     }
 
@@ -570,8 +630,34 @@ impl Scheduler {
 
     /// Writes the binding; on failure the assumption is dropped and the pod
     /// retried.
-    async fn bind(self: Arc<Self>, key: String, pod: Arc<Value>, node: String) {
+    async fn bind(
+        self: Arc<Self>,
+        key: String,
+        pod: Arc<Value>,
+        node: String,
+        claims: Vec<String>,
+    ) {
         let (ns, name) = meta::split_key(&key);
+        // The claims learn their node first: the binder and the node's
+        // provisioner act on it while the pod starts.
+        for claim in &claims {
+            let (cns, cname) = meta::split_key(claim);
+            let patch =
+                json!({"metadata": {"annotations": {crate::pv_binder::ANN_SELECTED_NODE: node}}});
+            if let Err(e) = self
+                .client
+                .patch(crate::pv_binder::PVCS, cns, cname, None, patch)
+                .await
+            {
+                tracing::warn!(pod = %key, %claim, %node, error = %e, "selecting the node of a claim failed; will retry");
+                self.forget(&key);
+                if let Ok(mut a) = self.acct.lock() {
+                    a.claims.remove(claim);
+                }
+                self.queue.add_rate_limited(&key);
+                return;
+            }
+        }
         match self.client.bind(ns.unwrap_or("default"), name, &node).await {
             Ok(()) => {
                 tracing::debug!(pod = %key, %node, "bound");
@@ -629,10 +715,32 @@ impl Reconciler for Arc<Scheduler> {
         if !wants_scheduling(&pod) {
             return Ok(Requeue::No);
         }
-        match self.decide(key, &pod) {
+        let plans = if volume_scheduling::claim_names(&pod).is_empty() {
+            Ok(Vec::new())
+        } else {
+            let assumed_claims = self
+                .acct
+                .lock()
+                .map(|a| a.claims.clone())
+                .unwrap_or_default();
+            volume_scheduling::plan(&pod, &self.volumes, &assumed_claims)
+        };
+        let plans = match plans {
+            Ok(p) => p,
+            Err(why) => {
+                let total = self.acct.lock().map(|a| a.nodes.len()).unwrap_or(0);
+                let message = format!("0/{total} nodes are available: {why}.");
+                tracing::debug!(pod = %key, %message, "pod is unschedulable");
+                self.mark_unschedulable(&pod, message).await?;
+                // Claim changes requeue it; the timer is a backstop.
+                return Ok(Requeue::After(Duration::from_secs(30)));
+            }
+        };
+        match self.decide(key, &pod, &plans) {
             None => Ok(Requeue::No),
             Some(Ok(node)) => {
-                tokio::spawn(self.clone().bind(key.to_owned(), pod, node));
+                let claims = volume_scheduling::claims_to_select(&plans);
+                tokio::spawn(self.clone().bind(key.to_owned(), pod, node, claims));
                 Ok(Requeue::No)
             }
             Some(Err((rejects, total))) => {

@@ -9,12 +9,16 @@
 //!   and namespace plumbing + the load balancer's hooks on each pod).
 //! - `services`: Services and EndpointSlices → the eBPF load balancer.
 //! - `server`: the kubelet's HTTPS endpoint for logs/exec/attach/port-forward.
+//! - `stats`: per-container, per-pod and node CPU/memory usage, served at
+//!   the kubelet endpoint's `/stats/summary`.
 //! - `flows`: the flow observer (gRPC, for the API server's relay) and the
 //!   flow counters.
+//! - `storage`: the node's local-path volume provisioner and deleter.
 //! - `policy`: NetworkPolicy → identities, ipcache and allow rules in the
 //!   kernel's policy maps.
 
 mod conntrack_gc;
+pub mod dataplane_status;
 pub mod flows;
 pub mod ipam;
 mod json;
@@ -28,6 +32,8 @@ pub mod routes;
 pub mod runtime;
 pub mod server;
 pub mod services;
+pub mod stats;
+pub mod storage;
 pub mod streams;
 pub mod xdp;
 
@@ -100,6 +106,9 @@ const LEASE_SECONDS: i64 = 40;
 fn micro_time() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
+
+/// The NotReady reason between registration and the dataplane's start.
+const DATAPLANE_STARTING: &str = "the eBPF dataplane is starting";
 
 /// What the heartbeat reports about the node's health.
 #[derive(Clone)]
@@ -191,10 +200,13 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         .version()
         .await
         .unwrap_or_else(|e| format!("{}://unavailable ({e})", rt.name()));
+    // With a dataplane, the node registers NotReady until its programs
+    // are loaded: pods scheduled before that would run without Services
+    // or policy.
     let mut health = Health {
         runtime: rt.clone(),
         runtime_version,
-        dataplane_error: None,
+        dataplane_error: cfg.bpf_root.as_ref().map(|_| DATAPLANE_STARTING.to_owned()),
     };
     // The server may not be up yet (or may still be loading): retry.
     let mut delay = Duration::from_millis(200);
@@ -245,6 +257,11 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
                     cfg.node_name.clone(),
                 ));
                 tokio::spawn(conntrack_gc::run(shared.clone()));
+                tokio::spawn(dataplane_status::run(
+                    client.clone(),
+                    cfg.node_name.clone(),
+                    root.clone(),
+                ));
                 lb = Some(shared);
                 // NetworkPolicy: its maps are pinned by the loader above.
                 match skep_dataplane::policy::KernelPolicy::open(root) {
@@ -274,6 +291,9 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
                 health.dataplane_error = Some(format!("the eBPF dataplane could not start: {e}"));
             }
         }
+    }
+    if health.dataplane_error.as_deref() == Some(DATAPLANE_STARTING) {
+        health.dataplane_error = None;
     }
     // The flows service reads the kernel's flow events (once per node: the
     // ring buffer has one consumer) when the dataplane runs.
@@ -320,6 +340,17 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
     )
     .await
     .map_err(|e| AgentError::Setup(format!("serving the kubelet endpoint on {listen}: {e}")))?;
+    // Resource usage for metrics.k8s.io (`kubectl top`, the HPA).
+    let _stats = match stats::StatsCollector::for_agent(&cfg, rt.clone()) {
+        Ok(collector) => {
+            _kubelet.set_stats(collector.clone());
+            Some(collector.spawn())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "resource usage will not be reported by this node");
+            None
+        }
+    };
     // Advertise the port actually bound (`--kubelet-port 0` picks one).
     let mut cfg = cfg;
     cfg.kubelet_port = _kubelet.local_addr().port();
@@ -332,6 +363,13 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         tracing::warn!(node = %cfg.node_name, error = %e, "posting the node status failed; retrying with the heartbeat");
     }
     tokio::spawn(routes::run(client.clone(), cfg.node_name.clone()));
+    // local-path volumes on this node (DATA/storage) and the volumes pods'
+    // claims resolve to.
+    tokio::spawn(storage::run(
+        client.clone(),
+        cfg.node_name.clone(),
+        cfg.data_dir.join("storage"),
+    ));
     if let Err(e) = renew_lease(&client, &cfg).await {
         tracing::warn!(node = %cfg.node_name, error = %e, "creating the node lease failed; retrying with the heartbeat");
     }

@@ -14,165 +14,22 @@
 
 #[path = "../tests/docker/mod.rs"]
 mod docker;
+mod support;
+
+use support::{cleanup_node, ip, pct, rss_mb, shims_rss_mb, spawn_in};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::{
     collections::HashMap,
     os::fd::AsRawFd,
-    os::unix::process::CommandExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
 const PODS: usize = 100;
 const NODE_IP: &str = "192.168.78.1";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// Proportional set size (shared pages split among their users): what a
-/// process really adds to the machine's memory.
-fn pss_mb(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// Count, RSS and PSS of every process whose command line is
-/// `skep __shim …` for this agent.
-fn shims_rss_mb(state_dir: &Path) -> (usize, f64, f64) {
-    let needle = state_dir.display().to_string();
-    let mut n = 0;
-    let mut total = 0.0;
-    let mut pss = 0.0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("__shim") && cmd.contains(&needle) {
-            n += 1;
-            total += rss_mb(pid);
-            pss += pss_mb(pid);
-        }
-    }
-    (n, total, pss)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_in(netns: &str, args: &[String], log: &Path) -> Proc {
-    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-    let fd = ns.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_skep"));
-    cmd.args(args)
-        .env(
-            "SKEP_LOG",
-            std::env::var("SKEP_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
-    // SAFETY: setns is async-signal-safe; `ns` outlives the spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    drop(ns);
-    Proc(child)
-}
-
-/// Kills the processes in the node's cgroups (the containers) and removes
-/// the cgroups and the pods' namespaces.
-fn cleanup_node(node: &str, ipam: &Path) {
-    for root in [
-        "/sys/fs/cgroup/memory",
-        "/sys/fs/cgroup/cpu",
-        "/sys/fs/cgroup/pids",
-        "/sys/fs/cgroup",
-    ] {
-        let top = Path::new(root).join(format!("skep-{node}"));
-        let mut dirs = vec![];
-        let mut stack = vec![top];
-        while let Some(d) = stack.pop() {
-            if !d.is_dir() {
-                continue;
-            }
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                }
-            }
-            dirs.push(d);
-        }
-        for d in &dirs {
-            for p in std::fs::read_to_string(d.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-            {
-                if let Ok(p) = p.trim().parse::<i32>() {
-                    unsafe { libc::kill(p, libc::SIGKILL) };
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for d in dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-    let text = std::fs::read_to_string(ipam).unwrap_or_default();
-    if let Ok(v) = serde_json::from_str::<Value>(&text) {
-        for uid in v["allocations"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, u)| u.as_str())
-        {
-            let _ = Command::new("ip")
-                .args(["netns", "del", &skep_dataplane::podnet::netns_name(uid)])
-                .output();
-        }
-    }
-}
 
 struct Run {
     running: Vec<f64>,
@@ -206,20 +63,7 @@ fn make_netns(netns: &str) {
 async fn run(runtime: &str, docker_socket: Option<&str>, tag: &str, netns: &str) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let bpf = PathBuf::from("/run/skep-bench-bpf");
-    std::fs::create_dir_all(&bpf).unwrap();
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some("/run/skep-bench-bpf"));
-    if !mounted {
-        assert!(
-            Command::new("mount")
-                .args(["-t", "bpf", "bpf", "/run/skep-bench-bpf"])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
+    support::ensure_bpffs(&bpf);
     let server_dir = dir.path().join("server");
     let agent_dir = dir.path().join("agent");
     let (netns, tag) = (netns.to_owned(), tag.to_owned());

@@ -58,7 +58,9 @@ enum CtlCommand {
         #[arg(short = 'f', long = "filename")]
         files: Vec<String>,
     },
-    /// Summary of the cluster: API health, version, nodes.
+    /// Health of the cluster: control-plane checks (store, DNS), the
+    /// controller leader, nodes with their eBPF dataplane (programs, links,
+    /// map fill), cluster DNS, pods and mesh; exits 1 when unhealthy.
     Status,
     /// Deploy test pods in a temporary namespace and check pod-to-pod,
     /// pod-to-Service, DNS and a NetworkPolicy (like `cilium connectivity test`).
@@ -455,7 +457,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
     let client = Client::new(&kc.server, &kc.ca_pem, kc.auth)?;
     match args.command {
         CtlCommand::Svc { .. } => Ok(()),
-        CtlCommand::Status => status(&client).await,
+        CtlCommand::Status => crate::ctl_status::status(&client).await,
         CtlCommand::ConnectivityTest(a) => crate::ctl_connectivity::run(&client, a).await,
         CtlCommand::Flows(mut a) => {
             // Only an explicit -n filters flows; the kubeconfig's default
@@ -600,57 +602,4 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             Ok(())
         }
     }
-}
-
-async fn status(client: &Client) -> Result<()> {
-    let version = client.get("/version").await?;
-    println!(
-        "API server  {}  version {}",
-        client.server(),
-        version
-            .get("gitVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-    );
-    let ready = client
-        .request_raw(http::Method::GET, "/readyz", None, "", "text/plain")
-        .await;
-    // /readyz answers plain "ok", which is not JSON: a decode error still
-    // means the server answered 200.
-    let healthy = matches!(ready, Ok(_) | Err(skep_client::ClientError::Decode(_)));
-    println!(
-        "control plane  {}",
-        if healthy { "healthy" } else { "NOT ready" }
-    );
-    let nodes = client.get("/api/v1/nodes").await?;
-    let items = nodes
-        .get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let ready_nodes = items
-        .iter()
-        .filter(|n| {
-            n.pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-        })
-        .count();
-    println!("nodes  {ready_nodes}/{} ready", items.len());
-    let pods = client.get("/api/v1/pods").await?;
-    let pods = pods
-        .get("items")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let running = pods
-        .iter()
-        .filter(|p| p.pointer("/status/phase") == Some(&json!("Running")))
-        .count();
-    println!("pods  {running}/{} running", pods.len());
-    println!("dataplane, DNS, mesh  not reported yet (node agent not available)");
-    Ok(())
 }

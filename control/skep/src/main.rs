@@ -8,12 +8,16 @@ mod ctl_connectivity;
 mod ctl_flows;
 // TODO(lead): drop the allow once ctl.rs dispatches `ctl policy`.
 mod ctl_policy;
+mod ctl_status;
+mod dns_check;
 mod kube_dns;
 mod manifests;
+mod mesh_ca;
 mod server;
+mod storage_defaults;
 mod tools;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -46,7 +50,7 @@ enum Command {
     /// Command-line client: get, apply, delete, status.
     Ctl(ctl::CtlArgs),
     /// The mTLS proxy injected into meshed pods.
-    Sidecar,
+    Sidecar(skep_mesh_sidecar::cli::SidecarArgs),
     /// Report what this binary carries.
     Check,
     /// Test workloads: echo servers and probes (skep's agnhost).
@@ -89,13 +93,15 @@ fn main() -> Result<()> {
                 .build()?;
             runtime.block_on(ctl::run(args))
         }
-        Command::Sidecar => unavailable("sidecar", "[mesh]"),
+        Command::Sidecar(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime
+                .block_on(skep_mesh_sidecar::cli::run(args))
+                .map_err(|e| anyhow::anyhow!(e))
+        }
     }
-}
-
-/// Roles built by later issues say so plainly instead of pretending.
-fn unavailable(role: &str, issue: &str) -> Result<()> {
-    bail!("`skep {role}` is not yet available in this build (it arrives with the {issue} issue)")
 }
 
 fn check() -> Result<()> {

@@ -57,8 +57,18 @@ pub struct ServerArgs {
     /// and that port.
     #[arg(long, env = "SKEP_DNS_LISTEN")]
     dns_listen: Option<SocketAddr>,
+    /// Serve the cluster DNS's Prometheus metrics (GET /metrics) here, as
+    /// CoreDNS does on :9153; `off` for none.
+    #[arg(
+        long,
+        env = "SKEP_DNS_METRICS_LISTEN",
+        default_value = "127.0.0.1:9153"
+    )]
+    dns_metrics_listen: skep_dns::MetricsListen,
     #[command(flatten)]
     node: crate::agent::NodeArgs,
+    #[command(flatten)]
+    mesh: crate::mesh_ca::MeshCaArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -95,6 +105,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         Some(listen) => {
             let mut config = skep_dns::DnsConfig::new(listen);
             config.zone = args.node.cluster_domain.clone();
+            config.metrics_listen = args.dns_metrics_listen.0;
             Some(skep_dns::start(config, store.clone()).await?)
         }
         None => None,
@@ -110,6 +121,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     )
     .await?;
     crate::bootstrap::after_start(store.as_ref(), &args.data_dir).await?;
+    // Workload certificates for meshed pods (issue [mesh]).
+    let _mesh_ca =
+        crate::mesh_ca::start(&args.mesh, store.as_ref(), &args.data_dir, &handle).await?;
+    if let Some(dns) = &_dns {
+        // Readiness includes cluster DNS answering for a Service.
+        let (addr, zone) = (dns.local_addr(), args.node.cluster_domain.clone());
+        handle.health.register(
+            "dns",
+            Arc::new(move || {
+                let zone = zone.clone();
+                Box::pin(async move { crate::dns_check::check(addr, &zone).await })
+            }),
+        );
+    }
     // The scheduler and controllers, in process on the same `Api` (every
     // write validated and defaulted as a client's); a Lease elects the one
     // active set when several servers share a store.
@@ -125,6 +150,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let manifests_dir = args.data_dir.join("manifests");
     std::fs::create_dir_all(&manifests_dir)
         .with_context(|| format!("creating {}", manifests_dir.display()))?;
+    crate::storage_defaults::write(&manifests_dir)?;
     let admin = {
         let port = handle.local_addr.port();
         let host = if handle.local_addr.ip().is_unspecified() {

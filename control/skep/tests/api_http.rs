@@ -34,6 +34,23 @@ fn anonymous_requests_get_401_and_health_is_public() {
     assert_eq!(code_and_body(out).0, 401);
     let out = s.curl(&["-w", "%{http_code}", "-o", "/dev/null", &s.url("/healthz")]);
     assert_eq!(out.stdout, b"200");
+    // Named checks, as Kubernetes lists them.
+    let out = s.curl(&["-w", "\n%{http_code}", &s.url("/readyz?verbose")]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("[+]ping ok\n[+]store ok\n"), "{text}");
+    assert!(
+        text.contains("readyz check passed\n") && text.ends_with("\n200"),
+        "{text}"
+    );
+    let out = s.curl(&["-w", "\n%{http_code}", &s.url("/readyz/store")]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with("[+]store ok\n") && text.ends_with("200"),
+        "{text}"
+    );
+    let out = s.curl(&["-w", "\n%{http_code}", &s.url("/readyz/no-such-check")]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.ends_with("404"), "{text}");
 }
 
 #[test]
@@ -313,5 +330,104 @@ fn watch_lists_bookmarks_and_label_transitions() {
             ("ADDED".to_string(), "b".to_string()),
             ("DELETED".to_string(), "a".to_string())
         ]
+    );
+}
+
+/// openssl, with a clear message when it is missing.
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_serving_certificate_is_reloaded_on_sighup_without_a_restart() {
+    let s = Server::start();
+    let tls = s.dir.path().join("tls");
+    let name = "rotated.skep.test";
+    let resolve = format!("{name}:{}:127.0.0.1", s.port);
+    let url = format!("https://{name}:{}/readyz", s.port);
+    let by_name = || s.curl(&["--resolve", &resolve, &url]);
+    let out = by_name();
+    assert!(
+        !out.status.success(),
+        "the first certificate does not carry {name}"
+    );
+    // A new pair from the cluster CA, for the new name only, written next
+    // to the live files and renamed over them (as a rotation tool does).
+    let t = |f: &str| tls.join(f).display().to_string();
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &t("new.key"),
+        "-subj",
+        "/CN=rotated",
+        "-addext",
+        &format!("subjectAltName=DNS:{name}"),
+        "-out",
+        &t("new.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &t("new.csr"),
+        "-CA",
+        &t("ca.crt"),
+        "-CAkey",
+        &t("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-copy_extensions",
+        "copy",
+        "-out",
+        &t("new.crt"),
+    ]);
+    std::fs::rename(tls.join("new.key"), tls.join("server.key")).unwrap();
+    std::fs::rename(tls.join("new.crt"), tls.join("server.crt")).unwrap();
+    let pid = s.pid().unwrap() as i32;
+    // SAFETY: plain syscall on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = by_name();
+        if out.status.success() {
+            assert_eq!(out.stdout, b"ok");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not served: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            s.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The same process still serves (SIGHUP did not end it), and the old
+    // name is no longer in the certificate.
+    assert_eq!(s.pid(), Some(pid as u32));
+    let old = s.curl(&[&s.url("/readyz")]);
+    assert!(
+        !old.status.success(),
+        "127.0.0.1 is not in the new certificate"
+    );
+    assert!(
+        s.log().contains("serving certificate reloaded"),
+        "{}",
+        s.log()
     );
 }

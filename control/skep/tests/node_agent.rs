@@ -115,12 +115,16 @@ fn server_and_joined_agents_register_their_nodes() {
     wait_for(&s, "the agent's node registers", || {
         s.kubectl(v, &["get", "node", "worker-1"]).status.success()
     });
+    // The addresses come with the agent's first status update, which can
+    // follow the registration by a moment.
+    wait_for(&s, "the agent's node reports its address", || {
+        s.json(v, &["get", "node", "worker-1"])["status"]["addresses"][0]["address"] == "127.0.0.2"
+    });
     let worker = s.json(v, &["get", "node", "worker-1"]);
     assert_eq!(
         worker["spec"]["podCIDR"], "10.42.1.0/24",
         "each node gets its own /24"
     );
-    assert_eq!(worker["status"]["addresses"][0]["address"], "127.0.0.2");
     // Leases exist and are renewed.
     wait_for(&s, "the agent's lease exists", || {
         s.kubectl(v, &["-n", "kube-node-lease", "get", "lease", "worker-1"])

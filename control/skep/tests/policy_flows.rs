@@ -208,4 +208,30 @@ fn connectivity_test_flows_and_effective_policy_on_three_nodes() {
     assert!(!none.contains("a-from-y"), "{none}");
     let missing = c.ctl(&["policy", "nope", "-n", "x"]);
     assert!(!missing.status.success(), "an unknown pod is an error");
+
+    // `skep ctl status`: the control plane's checks (DNS among them) and
+    // every node's dataplane as its agent published it (every 30 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(75);
+    let status = loop {
+        let out = c.ctl(&["status"]);
+        let text = stdout(&out);
+        let reported = text.matches("dataplane: ").count() == 3
+            && text.matches("policy on, flows on").count() == 3;
+        if out.status.success() && reported {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ctl status never reported three healthy dataplanes: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    assert!(status.contains("[+]store ok"), "{status}");
+    assert!(status.contains("[+]dns ok"), "{status}");
+    assert!(status.contains("nodes  3/3 ready"), "{status}");
+    assert!(status.contains("controllers: active on"), "{status}");
+    assert!(status.contains("fullest map SKEP_"), "{status}");
+    assert!(status.trim_end().ends_with("healthy"), "{status}");
+    println!("{status}");
 }

@@ -174,7 +174,7 @@ impl Drop for Env {
                 }
             }
         }
-        for controller in ["memory", "cpu", "pids"] {
+        for controller in ["memory", "cpu", "pids", "cpuacct"] {
             let root = Path::new("/sys/fs/cgroup")
                 .join(controller)
                 .join(&self.cfg.cgroup_parent);

@@ -71,13 +71,13 @@ impl PodHooks {
         for (fd, attach_type, dir, program) in [
             (
                 &self.from_pod,
-                super::sys::BPF_TCX_INGRESS,
+                crate::sys::BPF_TCX_INGRESS,
                 "ingress",
                 names::PROG_FROM_POD,
             ),
             (
                 &self.to_pod,
-                super::sys::BPF_TCX_EGRESS,
+                crate::sys::BPF_TCX_EGRESS,
                 "egress",
                 names::PROG_TO_POD,
             ),
@@ -87,14 +87,14 @@ impl PodHooks {
                 continue;
             }
             let link =
-                super::sys::tcx_link_create(fd.as_fd(), ifindex, attach_type).map_err(|e| {
+                crate::sys::link_create(fd.as_fd(), ifindex, attach_type, 0).map_err(|e| {
                     DataplaneError::Attach {
                         program,
                         iface: iface.to_owned(),
                         detail: format!("creating the TCX link: {e}"),
                     }
                 })?;
-            super::sys::obj_pin(link.as_fd(), &pin).map_err(|e| DataplaneError::Pin {
+            crate::sys::obj_pin(link.as_fd(), &pin).map_err(|e| DataplaneError::Pin {
                 path: pin.clone(),
                 detail: e.to_string(),
             })?;
@@ -347,7 +347,7 @@ impl KernelDatapath {
         );
         let maglev_mmapable = {
             use std::os::fd::AsFd as _;
-            match super::sys::MmapArray::map_window(maglev.fd().as_fd(), 0, 1) {
+            match crate::sys::MmapArray::map_window(maglev.fd().as_fd(), 0, 1) {
                 Ok(_) => true,
                 Err(e) => {
                     // E.g. maps pinned by an older object without the flag.
@@ -779,7 +779,7 @@ impl Datapath for KernelDatapath {
         use std::os::fd::AsFd as _;
         let base = frontend_id * self.settings.maglev_size;
         if self.maglev_mmapable {
-            let mut mmap = super::sys::MmapArray::map_window(
+            let mut mmap = crate::sys::MmapArray::map_window(
                 self.maglev.fd().as_fd(),
                 base,
                 self.settings.maglev_size,
@@ -800,7 +800,7 @@ impl Datapath for KernelDatapath {
         }
         let keys: Vec<u32> = slots.iter().map(|(slot, _)| base + slot).collect();
         let values: Vec<u32> = slots.iter().map(|(_, backend)| *backend).collect();
-        super::sys::update_u32s(self.maglev.fd().as_fd(), &keys, &values).map_err(|e| {
+        crate::sys::update_u32s(self.maglev.fd().as_fd(), &keys, &values).map_err(|e| {
             DataplaneError::Map {
                 map: names::MAP_MAGLEV,
                 detail: e.to_string(),

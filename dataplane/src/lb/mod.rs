@@ -17,7 +17,6 @@ mod kernel;
 pub mod maglev;
 mod reconcile;
 mod settings;
-mod sys;
 
 pub use datapath::{
     BackendEntry, ConntrackEntry, CtGcStats, CtTimeouts, Datapath, Frontend, FrontendState,

@@ -12,17 +12,17 @@
 //! Linux ≥ 5.9.
 //!
 //! aya 0.14 cannot open a pinned XDP program without a type it does not
-//! export, so the few bpf(2) calls are made here directly.
+//! export, so the pin is opened and linked with the raw calls in
+//! `crate::sys`.
 
 use std::{
-    io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use skep_ebpf_common::names;
 
-use crate::DataplaneError;
+use crate::{DataplaneError, sys};
 
 const PROGRAM: &str = names::PROG_XDP_POLICY;
 
@@ -127,20 +127,26 @@ pub fn attach(pin_root: &Path, iface: &str) -> Result<XdpMode, DataplaneError> {
             }
         }
     }
-    let (link, mode) = match sys::xdp_link_create(prog.as_fd(), ifindex, XdpMode::Native.flags()) {
-        Ok(link) => (link, XdpMode::Native),
-        Err(native) => {
-            let link = sys::xdp_link_create(prog.as_fd(), ifindex, XdpMode::Generic.flags())
+    let (link, mode) =
+        match sys::link_create(prog.as_fd(), ifindex, sys::BPF_XDP, XdpMode::Native.flags()) {
+            Ok(link) => (link, XdpMode::Native),
+            Err(native) => {
+                let link = sys::link_create(
+                    prog.as_fd(),
+                    ifindex,
+                    sys::BPF_XDP,
+                    XdpMode::Generic.flags(),
+                )
                 .map_err(|generic| {
                     attach_err(format!(
                         "creating the XDP link: native mode: {native}; generic mode: {generic} \
                          (XDP links need Linux ≥ 5.9; another XDP program may own the interface)"
                     ))
                 })?;
-            tracing::debug!(iface, %native, "no native XDP; attached in generic mode");
-            (link, XdpMode::Generic)
-        }
-    };
+                tracing::debug!(iface, %native, "no native XDP; attached in generic mode");
+                (link, XdpMode::Generic)
+            }
+        };
     let pin = link_pin(pin_root, iface, ifindex, mode);
     std::fs::create_dir_all(pin_root.join("links")).map_err(|e| DataplaneError::Pin {
         path: pin_root.join("links"),
@@ -193,141 +199,4 @@ pub fn detach(pin_root: &Path, iface: &str) -> Result<bool, DataplaneError> {
         found = true;
     }
     Ok(found)
-}
-
-/// The bpf(2) calls aya does not offer for pinned XDP programs.
-mod sys {
-    use super::*;
-
-    const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    const BPF_XDP: u32 = 37;
-    pub(super) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
-    pub(super) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-
-    /// `obj_pin` / `obj_get` of union bpf_attr.
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-
-    /// `link_create` of union bpf_attr (target_ifindex form, no extras).
-    #[repr(C)]
-    struct LinkCreateAttr {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-        _rest: [u64; 2],
-    }
-
-    /// `link_update` of union bpf_attr.
-    #[repr(C)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-
-    /// bpf(2) returning an fd or 0.
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-        // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr for
-        // `cmd`, valid (with whatever it points to) for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                attr as *mut T,
-                std::mem::size_of::<T>() as libc::c_uint,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r)
-        }
-    }
-
-    fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
-        let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf returned a bad fd"))?;
-        // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-
-    fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| io::Error::other("pin path contains NUL"))
-    }
-
-    pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-        let c = c_path(path)?;
-        let mut attr = ObjAttr {
-            pathname: c.as_ptr() as u64,
-            bpf_fd: 0,
-            file_flags: 0,
-            path_fd: 0,
-            _pad: 0,
-        };
-        owned(bpf(BPF_OBJ_GET, &mut attr)?)
-    }
-
-    pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-        let c = c_path(path)?;
-        let mut attr = ObjAttr {
-            pathname: c.as_ptr() as u64,
-            bpf_fd: fd.as_raw_fd() as u32,
-            file_flags: 0,
-            path_fd: 0,
-            _pad: 0,
-        };
-        bpf(BPF_OBJ_PIN, &mut attr).map(drop)
-    }
-
-    pub(super) fn xdp_link_create(
-        prog: BorrowedFd<'_>,
-        ifindex: u32,
-        flags: u32,
-    ) -> io::Result<OwnedFd> {
-        let mut attr = LinkCreateAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_ifindex: ifindex,
-            attach_type: BPF_XDP,
-            flags,
-            _rest: [0; 2],
-        };
-        owned(bpf(BPF_LINK_CREATE, &mut attr)?)
-    }
-
-    /// `link_detach` of union bpf_attr.
-    #[repr(C)]
-    struct LinkDetachAttr {
-        link_fd: u32,
-    }
-
-    /// Detaches a link from its hook now (Linux ≥ 5.9), instead of when
-    /// its last reference goes (for a pin: after an RCU grace period).
-    pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-        let mut attr = LinkDetachAttr {
-            link_fd: link.as_raw_fd() as u32,
-        };
-        bpf(BPF_LINK_DETACH, &mut attr).map(drop)
-    }
-
-    pub(super) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-        let mut attr = LinkUpdateAttr {
-            link_fd: link.as_raw_fd() as u32,
-            new_prog_fd: prog.as_raw_fd() as u32,
-            flags: 0,
-            old_prog_fd: 0,
-        };
-        bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
-    }
 }

@@ -276,31 +276,9 @@ pub async fn ask(
         m.set_edns(e);
     }
     let bytes = m.to_vec().unwrap();
-    let buf = tokio::time::timeout(Duration::from_secs(5), async {
-        match transport {
-            Transport::Udp => {
-                let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-                s.send_to(&bytes, addr).await.unwrap();
-                let mut buf = vec![0u8; 65535];
-                let n = s.recv(&mut buf).await.unwrap();
-                buf.truncate(n);
-                buf
-            }
-            Transport::Tcp => {
-                let mut s = TcpStream::connect(addr).await.unwrap();
-                s.write_all(&(bytes.len() as u16).to_be_bytes())
-                    .await
-                    .unwrap();
-                s.write_all(&bytes).await.unwrap();
-                let n = s.read_u16().await.unwrap();
-                let mut buf = vec![0u8; n.into()];
-                s.read_exact(&mut buf).await.unwrap();
-                buf
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no answer to {name} {qtype} over {transport:?}"));
+    let buf = exchange(addr, &bytes, transport)
+        .await
+        .unwrap_or_else(|| panic!("no answer to {name} {qtype} over {transport:?}"));
     let reply = Message::from_vec(&buf).unwrap();
     assert_eq!(reply.metadata.id, m.metadata.id);
     (reply, buf.len())
@@ -430,4 +408,55 @@ impl Stub {
     pub fn count(&self) -> usize {
         self.queries.load(Ordering::SeqCst)
     }
+}
+
+/// Sends raw DNS message bytes and returns the raw reply (None: no reply
+/// within 5 s).
+pub async fn exchange(addr: SocketAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        match transport {
+            Transport::Udp => {
+                let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                s.send_to(bytes, addr).await.unwrap();
+                let mut buf = vec![0u8; 65535];
+                let n = s.recv(&mut buf).await.unwrap();
+                buf.truncate(n);
+                buf
+            }
+            Transport::Tcp => {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&(bytes.len() as u16).to_be_bytes())
+                    .await
+                    .unwrap();
+                s.write_all(bytes).await.unwrap();
+                let n = s.read_u16().await.unwrap();
+                let mut buf = vec![0u8; n.into()];
+                s.read_exact(&mut buf).await.unwrap();
+                buf
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// A plain HTTP/1.1 request over a real TCP connection; returns the status
+/// code and the body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("HTTP reply within 5 s")
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
 }

@@ -36,8 +36,9 @@ use tokio::sync::mpsc;
 /// Reads ConfigMaps and Secrets for environments and volumes.
 #[async_trait::async_trait]
 pub trait ObjectSource: Send + Sync {
-    /// `kind` is the plural resource (`configmaps`, `secrets`); None when
-    /// the object does not exist.
+    /// `kind` is the plural resource (`configmaps`, `secrets`); an empty
+    /// `namespace` names a cluster-scoped object (`persistentvolumes`).
+    /// None when the object does not exist.
     async fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value>;
 }
 
@@ -138,11 +139,12 @@ pub(crate) struct ApiObjects {
 #[async_trait::async_trait]
 impl ObjectSource for ApiObjects {
     async fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
-        match self
-            .client
-            .get(&format!("/api/v1/namespaces/{namespace}/{kind}/{name}"))
-            .await
-        {
+        let path = if namespace.is_empty() {
+            format!("/api/v1/{kind}/{name}")
+        } else {
+            format!("/api/v1/namespaces/{namespace}/{kind}/{name}")
+        };
+        match self.client.get(&path).await {
             Ok(v) => Some(v),
             Err(e) => {
                 if !e.is_not_found() {

@@ -1,7 +1,8 @@
 //! A pod's volumes, prepared on the node before its containers start:
 //! emptyDir (disk or memory), configMap, secret, hostPath, downwardAPI,
-//! projected (service-account token, configMap, secret, downwardAPI), and
-//! the service-account token volume every pod gets unless it opts out.
+//! projected (service-account token, configMap, secret, downwardAPI),
+//! persistentVolumeClaim (the bound volume's directory), and the
+//! service-account token volume every pod gets unless it opts out.
 //!
 //! Files are (re)written on every sync, each through a temporary file and
 //! a rename, so a container reading a projected file never sees half of
@@ -389,10 +390,11 @@ pub async fn prepare(
                 host_path: dir,
                 read_only: true,
             }
-        } else if v.get("persistentVolumeClaim").is_some() {
-            return Err(err(
-                "persistentVolumeClaim volumes are not supported by this node yet (they come with the [platform] issue)".into(),
-            ));
+        } else if let Some(c) = v.get("persistentVolumeClaim") {
+            Prepared {
+                host_path: claim_path(c, ns, cx.objects).await.map_err(err)?,
+                read_only: c.get("readOnly").and_then(Value::as_bool).unwrap_or(false),
+            }
         } else {
             let kinds: Vec<&String> = v
                 .as_object()
@@ -403,6 +405,50 @@ pub async fn prepare(
         out.insert(name, prepared);
     }
     Ok(out)
+}
+
+/// The directory behind a `persistentVolumeClaim` volume: the bound
+/// PersistentVolume's hostPath (type checks as for a hostPath volume) or
+/// local path. Until the claim is bound the error says so, and the pod
+/// waits (FailedMount, retried on every sync).
+async fn claim_path(c: &Value, ns: &str, objects: &dyn ObjectSource) -> Result<PathBuf, String> {
+    let claim = s(c, "/claimName").unwrap_or("");
+    let Some(pvc) = objects.get("persistentvolumeclaims", ns, claim).await else {
+        return Err(format!("persistentvolumeclaim {claim:?} not found"));
+    };
+    let volume = s(&pvc, "/spec/volumeName").unwrap_or("");
+    if volume.is_empty() || s(&pvc, "/status/phase") != Some("Bound") {
+        return Err(format!(
+            "persistentvolumeclaim {claim:?} is not bound yet (waiting for a PersistentVolume)"
+        ));
+    }
+    let Some(pv) = objects.get("persistentvolumes", "", volume).await else {
+        return Err(format!(
+            "persistentvolume {volume:?} (bound to claim {claim:?}) not found"
+        ));
+    };
+    let uid = s(&pv, "/spec/claimRef/uid").unwrap_or("");
+    if !uid.is_empty() && Some(uid) != s(&pvc, "/metadata/uid") {
+        return Err(format!(
+            "persistentvolume {volume:?} is bound to another claim than {claim:?}"
+        ));
+    }
+    if let Some(h) = pv.pointer("/spec/hostPath") {
+        host_path(h)
+    } else if let Some(path) = s(&pv, "/spec/local/path") {
+        let path = PathBuf::from(path);
+        if !path.exists() {
+            return Err(format!(
+                "the local volume {volume:?} has no {} on this node",
+                path.display()
+            ));
+        }
+        Ok(path)
+    } else {
+        Err(format!(
+            "persistentvolume {volume:?}: only hostPath and local volumes can be mounted by this node"
+        ))
+    }
 }
 
 fn host_path(h: &Value) -> Result<PathBuf, String> {

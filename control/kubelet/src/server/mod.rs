@@ -8,6 +8,11 @@
 //! upgrade the HTTP/1.1 connection to SPDY/3.1 (kubectl ≤ 1.29) or to a
 //! WebSocket (`v5.channel.k8s.io` … for exec/attach, `SPDY/3.1+portforward.k8s.io`
 //! tunnelling for port-forward, kubectl ≥ 1.30/1.31).
+//!
+//! Resource usage: `GET /stats/summary` answers the kubelet Summary API
+//! subset that `stats::StatsCollector` keeps (the API server's
+//! metrics.k8s.io reads it); 503 until a collector is attached with
+//! [`KubeletServer::set_stats`].
 
 mod channels;
 mod exec;
@@ -61,7 +66,11 @@ pub enum ServerError {
 pub struct KubeletServer {
     local_addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    stats: StatsSlot,
 }
+
+/// The collector `/stats/summary` reads, attached after the server starts.
+type StatsSlot = Arc<std::sync::OnceLock<Arc<crate::stats::StatsCollector>>>;
 
 impl KubeletServer {
     pub fn local_addr(&self) -> SocketAddr {
@@ -70,6 +79,11 @@ impl KubeletServer {
 
     pub fn shutdown(self) {
         self.task.abort();
+    }
+
+    /// Serves `/stats/summary` from `stats` (the first call wins).
+    pub fn set_stats(&self, stats: Arc<crate::stats::StatsCollector>) {
+        let _ = self.stats.set(stats);
     }
 }
 
@@ -101,6 +115,8 @@ pub async fn serve(
         source,
     })?;
     tracing::info!(%local_addr, "kubelet streaming endpoint listening");
+    let stats: StatsSlot = Arc::default();
+    let stats_slot = stats.clone();
     let task = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -114,6 +130,7 @@ pub async fn serve(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let streams = streams.clone();
+            let stats = stats_slot.clone();
             tokio::spawn(async move {
                 let tls = match acceptor.accept(tcp).await {
                     Ok(t) => t,
@@ -132,7 +149,8 @@ pub async fn serve(
                 let service = hyper::service::service_fn(move |req| {
                     let streams = streams.clone();
                     let caller = caller.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &caller, streams).await) }
+                    let stats = stats.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &caller, streams, &stats).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
@@ -144,7 +162,11 @@ pub async fn serve(
             });
         }
     });
-    Ok(KubeletServer { local_addr, task })
+    Ok(KubeletServer {
+        local_addr,
+        task,
+        stats,
+    })
 }
 
 /// The endpoint's TLS (serving certificate from `data_dir`, client
@@ -244,6 +266,7 @@ async fn handle(
     req: Request<Incoming>,
     caller: &Option<Option<String>>,
     streams: Arc<dyn PodStreams>,
+    stats: &StatsSlot,
 ) -> Response<Body> {
     match caller {
         None => {
@@ -273,6 +296,20 @@ async fn handle(
     tracing::debug!(method = %req.method(), %path, "kubelet endpoint request");
     match segments.as_slice() {
         ["healthz"] => text(StatusCode::OK, "ok"),
+        ["stats", "summary"] => match stats.get() {
+            Some(s) => {
+                let mut resp = Response::new(full(s.summary().to_string()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "resource statistics are not collected on this node yet",
+            ),
+        },
         ["containerLogs", ns, pod, c] => {
             let c = container(ns, pod, c);
             logs::handle(req, c, streams).await

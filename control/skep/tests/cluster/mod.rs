@@ -426,6 +426,7 @@ fn kill_cgroups(node: &str) {
         "/sys/fs/cgroup/memory",
         "/sys/fs/cgroup/cpu",
         "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/cpuacct",
         "/sys/fs/cgroup",
     ] {
         let top = Path::new(root).join(format!("skep-{node}"));

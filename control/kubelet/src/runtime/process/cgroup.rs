@@ -1,6 +1,6 @@
 //! Per-container cgroups: `<parent>/<pod-uid>/<container-id>` in the
 //! unified hierarchy when /sys/fs/cgroup is cgroup2 with the cpu and memory
-//! controllers, else in each v1 hierarchy we use (memory, cpu, pids).
+//! controllers, else in each v1 hierarchy we use (memory, cpu, pids, cpuacct).
 
 use crate::runtime::Resources;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,10 @@ use std::{
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// v1 hierarchies a container joins; pids and cpuacct are optional (where
+/// cpuacct is co-mounted with cpu the second join is a no-op). cpuacct
+/// gives the exact CPU time `kubectl top` reports.
+const V1_CONTROLLERS: [&str; 4] = ["memory", "cpu", "pids", "cpuacct"];
 /// CFS period: 100 ms, as the kubelet uses.
 const CPU_PERIOD_US: u64 = 100_000;
 
@@ -105,7 +108,7 @@ impl Cgroup {
                 for controller in V1_CONTROLLERS {
                     let base = Path::new(CGROUP_ROOT).join(controller);
                     if !base.join("cgroup.procs").exists() {
-                        if controller == "pids" {
+                        if controller == "pids" || controller == "cpuacct" {
                             continue;
                         }
                         return Err(format!(

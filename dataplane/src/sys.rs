@@ -1,22 +1,35 @@
-//! Raw bpf(2) map updates that aya 0.14 does not expose: BPF_MAP_UPDATE_BATCH
-//! writes a whole Maglev row in one syscall instead of one per slot (Linux
-//! ≥ 5.6 for arrays), which is what makes programming thousands of services
-//! fast. Falls back to one BPF_MAP_UPDATE_ELEM per entry when the kernel
-//! refuses the batch command.
+//! The bpf(2) commands aya 0.14 does not expose, in one place for the load
+//! balancer, the XDP policy hook and the status reader:
+//! - BPF_MAP_UPDATE_BATCH writes a whole Maglev row in one syscall instead
+//!   of one per slot (Linux ≥ 5.6 for arrays), which is what makes
+//!   programming thousands of services fast (falls back to one
+//!   BPF_MAP_UPDATE_ELEM per entry when the kernel refuses the batch);
+//! - links: create (TCX ≥ 6.6, XDP ≥ 5.9), update in place, detach now,
+//!   pin and open pins;
+//! - an mmap window on an array map, and a key walk that counts entries.
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
 };
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+/// Attach type of XDP links (Linux ≥ 5.9) and the mode flags.
+pub(crate) const BPF_XDP: u32 = 37;
+pub(crate) const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+pub(crate) const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 /// Attach types of TCX links (Linux ≥ 6.6).
 pub(crate) const BPF_TCX_INGRESS: u32 = 46;
 pub(crate) const BPF_TCX_EGRESS: u32 = 47;
 
-/// The `link_create` member of `union bpf_attr`, with its `tcx` part.
+/// The `link_create` member of `union bpf_attr`; the tail is the `tcx`
+/// part (zero for XDP links, whose extra part is empty).
 #[repr(C)]
 struct LinkCreateAttr {
     prog_fd: u32,
@@ -38,44 +51,89 @@ struct ObjPinAttr {
     _pad: u32,
 }
 
-/// Creates a TCX link of `prog` on `ifindex` (appended after the links
-/// already there); the link detaches when its last fd or pin goes.
-pub(crate) fn tcx_link_create(
+/// Creates a link of `prog` on `ifindex` with `attach_type` (TCX links are
+/// appended after the ones already there; XDP takes `XDP_FLAGS_*`); the
+/// link detaches when its last fd or pin goes.
+pub(crate) fn link_create(
     prog: BorrowedFd<'_>,
     ifindex: u32,
     attach_type: u32,
-) -> io::Result<std::os::fd::OwnedFd> {
+    flags: u32,
+) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_ifindex: ifindex,
         attach_type,
-        flags: 0,
+        flags,
         relative_fd: 0,
         _pad: 0,
         expected_revision: 0,
     };
-    // SAFETY: `attr` is the link_create prefix of union bpf_attr, valid for
-    // the call; on success the kernel returns a new fd that we own.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &mut attr as *mut LinkCreateAttr,
-            std::mem::size_of::<LinkCreateAttr>() as libc::c_uint,
-        )
+    owned(bpf(BPF_LINK_CREATE, &mut attr)?)
+}
+
+/// `link_update` of union bpf_attr.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Points an existing link at another program, atomically.
+pub(crate) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
     };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(r).map_err(|_| io::Error::other("bpf returned a bad fd"))?;
-    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// `link_detach` of union bpf_attr.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Detaches a link from its hook now (Linux ≥ 5.9), instead of when its
+/// last reference goes (for a pin: after an RCU grace period).
+pub(crate) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
+fn owned(fd: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf returned a bad fd"))?;
+    // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("pin path contains NUL"))
+}
+
+/// Opens the BPF object pinned at `path`.
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    let mut attr = ObjPinAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    owned(bpf(BPF_OBJ_GET, &mut attr)?)
 }
 
 /// Pins a BPF object (here: a link) at `path` on bpffs.
-pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::other("pin path contains NUL"))?;
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
     let mut attr = ObjPinAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
@@ -83,7 +141,7 @@ pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<
         path_fd: 0,
         _pad: 0,
     };
-    bpf(BPF_OBJ_PIN, &mut attr)
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -110,7 +168,9 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+/// bpf(2); the kernel's non-negative answer (an fd for the commands that
+/// make one, else 0).
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr for `cmd`,
     // valid for the duration of the call; the kernel reads (and for batch
     // writes `count` back into) exactly size_of::<T>() bytes.
@@ -125,7 +185,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(r)
     }
 }
 
@@ -153,7 +213,7 @@ pub(crate) fn update_u32s(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> 
         flags: 0,
     };
     match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
-        Ok(()) => return Ok(()),
+        Ok(_) => return Ok(()),
         // Old kernel or map type without batch support: per element.
         Err(e)
             if matches!(
@@ -271,4 +331,42 @@ impl Drop for MmapArray {
         // SAFETY: exactly the mapping made in `map`.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
     }
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Counts the keys of a hash-like map by walking BPF_MAP_GET_NEXT_KEY with
+/// raw key bytes (the caller does not need the key type). Stops after
+/// `limit` keys: a map being rewritten during the walk can restart it, and
+/// the count is a gauge, not an invariant.
+pub(crate) fn count_keys(map: BorrowedFd<'_>, key_size: u32, limit: u64) -> io::Result<u64> {
+    let size = key_size as usize;
+    let mut current = vec![0u8; size];
+    let mut next = vec![0u8; size];
+    let mut have_current = false;
+    let mut n = 0u64;
+    while n < limit {
+        let mut attr = ElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            // A null key asks for the first key.
+            key: if have_current {
+                current.as_ptr() as u64
+            } else {
+                0
+            },
+            value: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                n += 1;
+                std::mem::swap(&mut current, &mut next);
+                have_current = true;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
