@@ -200,13 +200,19 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         .version()
         .await
         .unwrap_or_else(|e| format!("{}://unavailable ({e})", rt.name()));
-    // With a dataplane, the node registers NotReady until its programs
+    // A new node with a dataplane registers NotReady until its programs
     // are loaded: pods scheduled before that would run without Services
-    // or policy.
+    // or policy. A node that exists already is an agent restart: its
+    // programs and maps stay pinned and keep working meanwhile, and a
+    // NotReady flash would have its pods evicted by the not-ready taint.
+    let known = client
+        .get(&format!("/api/v1/nodes/{}", cfg.node_name))
+        .await
+        .is_ok();
     let mut health = Health {
         runtime: rt.clone(),
         runtime_version,
-        dataplane_error: cfg.bpf_root.as_ref().map(|_| DATAPLANE_STARTING.to_owned()),
+        dataplane_error: (cfg.bpf_root.is_some() && !known).then(|| DATAPLANE_STARTING.to_owned()),
     };
     // The server may not be up yet (or may still be loading): retry.
     let mut delay = Duration::from_millis(200);

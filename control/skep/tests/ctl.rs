@@ -49,7 +49,10 @@ fn ctl_applies_gets_and_deletes() {
 
     let (ok, out, err) = ctl(&s, &["status"]);
     assert!(ok, "{err}");
-    assert!(out.contains("control plane  healthy"), "{out}");
+    assert!(out.contains("control plane  ready"), "{out}");
+    assert!(out.contains("[+]store ok"), "{out}");
+    assert!(out.contains("DNS  not served"), "{out}");
+    assert!(out.trim_end().ends_with("healthy"), "{out}");
 
     let (ok, out, err) = ctl(&s, &["apply", "-f", f]);
     assert!(ok, "{err}");
