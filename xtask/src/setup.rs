@@ -81,6 +81,7 @@ pub fn run() -> Result<()> {
     apt_packages(root)?;
     qemu(root)?;
     bpffs(root)?;
+    guard_cluster_ranges(root)?;
     pip_packages()?;
     step("done: everything is in place");
     Ok(())
@@ -313,6 +314,39 @@ fn bpffs(root: bool) -> Result<()> {
         .hint("the kernel needs CONFIG_BPF_SYSCALL; inside a container, run it with --privileged")
         .run()
         .context("mounting bpffs")
+}
+
+/// The pod and service ranges as unreachable in the host's own routing
+/// table: a cluster or test that runs a node in the root network namespace
+/// (the dataplane test of node_agent does) can then never send 10.42/16 or
+/// 10.43/16 traffic out of the default route. More specific routes that
+/// skep adds (a node's pod CIDR) still win; namespaces have their own
+/// tables and are not affected.
+const GUARDED_RANGES: [&str; 2] = ["10.42.0.0/16", "10.43.0.0/16"];
+
+fn guard_cluster_ranges(root: bool) -> Result<()> {
+    for range in GUARDED_RANGES {
+        let probe = Cmd::new("ip")
+            .args(["-4", "route", "show", "type", "unreachable", range])
+            .probe()?;
+        if probe.success && !probe.stdout.trim().is_empty() {
+            step(&format!("unreachable route for {range}: present"));
+            continue;
+        }
+        if !root {
+            bail!(
+                "run as root: setup adds `ip route add unreachable {range}` so cluster ranges never leave by the default route"
+            );
+        }
+        step(&format!(
+            "adding an unreachable route for {range} (host namespace)…"
+        ));
+        Cmd::new("ip")
+            .args(["route", "replace", "unreachable", range])
+            .run()
+            .with_context(|| format!("adding the unreachable route for {range}"))?;
+    }
+    Ok(())
 }
 
 /// Installs the pinned Python packages the API tests use, unless the

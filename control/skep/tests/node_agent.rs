@@ -23,8 +23,22 @@ fn wait_for(s: &Server, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The nodes of these tests run in the host namespace and route each
+/// other's pod CIDRs over loopback (routes of protocol 83, skep's): remove
+/// them when the test ends, also on panic.
+struct NodeRoutes;
+
+impl Drop for NodeRoutes {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["route", "flush", "proto", "83"])
+            .output();
+    }
+}
+
 #[test]
 fn server_and_joined_agents_register_their_nodes() {
+    let _routes = NodeRoutes;
     // Random ports: several servers with nodes run side by side here.
     let s = Server::start_with(&[
         "--node-name",
@@ -174,6 +188,15 @@ struct Pins(std::path::PathBuf);
 impl Drop for Pins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        // This test's node runs in the host namespace (no pods are made):
+        // take back the pod-egress masquerade chain its agent installed.
+        for args in [
+            &["-t", "nat", "-D", "POSTROUTING", "-j", "SKEP-MASQ"][..],
+            &["-t", "nat", "-F", "SKEP-MASQ"][..],
+            &["-t", "nat", "-X", "SKEP-MASQ"][..],
+        ] {
+            let _ = Command::new("iptables").args(args).output();
+        }
     }
 }
 
