@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 use tokio_rustls::TlsConnector;
@@ -286,25 +286,6 @@ impl std::fmt::Debug for MetricsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsSource").finish_non_exhaustive()
     }
-}
-
-/// The sources by the `Api` they serve: the controllers run in process on
-/// an `Arc<Api>` only, and find the same source (and cache) through it.
-static SOURCES: Mutex<Vec<(Weak<Api>, Arc<MetricsSource>)>> = Mutex::new(Vec::new());
-
-/// Makes `source` the one [`source_for`] returns for `api`.
-pub fn register(api: &Arc<Api>, source: Arc<MetricsSource>) {
-    let mut s = SOURCES.lock().unwrap_or_else(|p| p.into_inner());
-    s.retain(|(a, _)| a.strong_count() > 0);
-    s.push((Arc::downgrade(api), source));
-}
-
-/// The metrics source of the API server serving `api`.
-pub fn source_for(api: &Arc<Api>) -> Option<Arc<MetricsSource>> {
-    let s = SOURCES.lock().unwrap_or_else(|p| p.into_inner());
-    s.iter()
-        .find(|(a, _)| a.upgrade().is_some_and(|a| Arc::ptr_eq(&a, api)))
-        .map(|(_, src)| src.clone())
 }
 
 /// A node's kubelet endpoint: InternalIP (else ExternalIP) and the port in

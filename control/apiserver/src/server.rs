@@ -64,6 +64,9 @@ pub struct ServerHandle {
     pub api: Arc<Api>,
     /// Readiness checks; the binary adds its own (cluster DNS, …).
     pub health: crate::health::HealthChecks,
+    /// Resource usage from the kubelets (metrics.k8s.io), for in-process
+    /// consumers such as the HPA controller.
+    pub metrics_source: Arc<metrics_api::MetricsSource>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -458,10 +461,10 @@ pub async fn serve(
     );
 
     let health = crate::health::HealthChecks::default();
-    // metrics.k8s.io; the in-process HPA controller finds it through `api`.
+    // metrics.k8s.io; the in-process HPA controller gets the same source
+    // (and cache) through `ServerHandle::metrics_source`.
     let metrics_source =
         Arc::new(metrics_api::MetricsSource::new(&credentials).map_err(ServeError::Tls)?);
-    metrics_api::register(&api, metrics_source.clone());
     let state = Arc::new(State {
         api: api.clone(),
         admin_token: credentials.admin_token.clone(),
@@ -522,6 +525,7 @@ pub async fn serve(
         credentials,
         api,
         health,
+        metrics_source,
         task,
     })
 }

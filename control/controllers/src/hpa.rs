@@ -597,6 +597,8 @@ fn target_resource(kind: &str) -> Option<crate::client::Gvr> {
 
 pub struct HpaController {
     client: Client,
+    /// Where pods' usage comes from (None: no metrics API in this server).
+    metrics: Option<Arc<metrics_api::MetricsSource>>,
     hpas: Arc<Informer>,
     pods: Arc<Informer>,
     history: Mutex<HashMap<String, History>>,
@@ -624,10 +626,12 @@ impl HpaController {
     pub fn start(
         client: &Client,
         informers: &Informers,
+        metrics: Option<Arc<metrics_api::MetricsSource>>,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>> {
         let queue = Queue::new();
         let c = Arc::new(Self {
             client: client.clone(),
+            metrics,
             hpas: informers.get_or_create(client.info(HPAS)?),
             pods: informers.get_or_create(client.info(PODS)?),
             history: Mutex::new(HashMap::new()),
@@ -1008,7 +1012,9 @@ impl HpaController {
         &self,
         ns: &str,
     ) -> std::result::Result<HashMap<String, (f64, f64)>, String> {
-        let source = metrics_api::source_for(&self.client.api)
+        let source = self
+            .metrics
+            .as_ref()
             .ok_or("the resource metrics API is not running in this server")?;
         let usage = source
             .pod_usage(&self.client.api, Some(ns))

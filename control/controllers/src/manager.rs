@@ -29,6 +29,9 @@ pub struct ManagerOptions {
     /// How long a node may stay silent before it is marked unreachable
     /// (kube-controller-manager's node-monitor-grace-period).
     pub node_monitor_grace: Duration,
+    /// Resource usage for the HPA controller (the API server's
+    /// metrics.k8s.io source); without it HPAs report ScalingActive=False.
+    pub metrics: Option<Arc<skep_apiserver::metrics_api::MetricsSource>>,
 }
 
 impl Default for ManagerOptions {
@@ -39,6 +42,7 @@ impl Default for ManagerOptions {
         Self {
             identity: format!("{host}_{}", uuid::Uuid::new_v4()),
             node_monitor_grace: Duration::from_secs(40),
+            metrics: None,
         }
     }
 }
@@ -105,7 +109,11 @@ fn start_all(
     tasks.extend(CronJobController::start(client, &informers)?);
     tasks.extend(DaemonSetController::start(client, &informers)?);
     tasks.extend(StatefulSetController::start(client, &informers)?);
-    tasks.extend(crate::hpa::HpaController::start(client, &informers)?);
+    tasks.extend(crate::hpa::HpaController::start(
+        client,
+        &informers,
+        options.metrics.clone(),
+    )?);
     tasks.extend(crate::pv_binder::PvBinder::start(client, &informers)?);
     tasks.extend(Scheduler::start(client, &informers)?);
     tasks.extend(EndpointsController::start(client, &informers)?);

@@ -142,6 +142,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         handle.api.clone(),
         skep_controllers::ManagerOptions {
             node_monitor_grace: args.node_monitor_grace_period,
+            metrics: Some(handle.metrics_source.clone()),
             ..Default::default()
         },
     );
