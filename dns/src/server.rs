@@ -19,6 +19,29 @@ use hickory_server::{
 };
 use std::{net::SocketAddr, sync::Arc};
 
+std::thread_local! {
+    /// Set when the answer being built asked the upstream resolvers (a
+    /// forwarded name or a chased ExternalName): such an answer depends
+    /// on the upstream's data and TTLs, so the UDP threads must not keep
+    /// it as a prepared reply (`udp::AnswerCache`). Read on the thread
+    /// that polled the request first, which is where it is set.
+    static UPSTREAM_USED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Clears the upstream flag before a request is polled.
+pub(crate) fn reset_upstream_used() {
+    UPSTREAM_USED.with(|u| u.set(false));
+}
+
+/// Whether the request polled since [`reset_upstream_used`] went upstream.
+pub(crate) fn upstream_used() -> bool {
+    UPSTREAM_USED.with(std::cell::Cell::get)
+}
+
+fn note_upstream() {
+    UPSTREAM_USED.with(|u| u.set(true));
+}
+
 /// Largest UDP payload we send, whatever a client advertises (DNS Flag Day 2020
 /// advice is ~1232 to avoid fragmentation; 4096 is the common ceiling).
 const MAX_UDP_PAYLOAD: u16 = 4096;
@@ -168,6 +191,7 @@ impl Handler {
                     .await
             }
             Ok(None) => {
+                note_upstream();
                 let q = queries[0].original();
                 // The snapshot guard is gone here: nothing is held across
                 // the upstream round trip.
@@ -233,6 +257,7 @@ impl Handler {
         target: &hickory_server::proto::rr::Name,
         q: &hickory_server::proto::op::Query,
     ) {
+        note_upstream();
         match self
             .forwarder
             .resolve(target, q.query_type(), q.query_class())

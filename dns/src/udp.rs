@@ -11,14 +11,25 @@
 //! and moves to the Tokio runtime to finish, so a slow upstream never
 //! blocks a socket's thread.
 
-use crate::server::SharedHandler;
+use crate::{
+    metrics::Proto,
+    model::Snapshot,
+    server::{self, SharedHandler},
+};
+use arc_swap::ArcSwapOption;
 use hickory_server::{
     net::{NetError, runtime::TokioTime, xfer::Protocol},
-    proto::{rr::Record, serialize::binary::BinEncoder},
+    proto::{
+        op::ResponseCode,
+        rr::{Record, RecordType},
+        serialize::binary::BinEncoder,
+    },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::MessageResponse,
 };
 use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
     future::Future,
     net::{SocketAddr, UdpSocket},
     pin::Pin,
@@ -27,11 +38,75 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Waker},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// How often a blocked receive wakes up to notice a shutdown.
 const STOP_CHECK: Duration = Duration::from_millis(200);
+
+/// Prepared replies a UDP thread keeps (see [`AnswerCache`]).
+const CACHE_ENTRIES: usize = 16_384;
+
+std::thread_local! {
+    /// True while a UDP thread polls a request for the first time: the
+    /// reply encoded then is kept here for [`AnswerCache`]. Replies sent
+    /// later, from Tokio's threads, see it false and are not kept.
+    static CAPTURING: Cell<bool> = const { Cell::new(false) };
+    static CAPTURED: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// A reply ready to send again: the whole message but its ID.
+struct Prepared {
+    reply: Box<[u8]>,
+    qtype: RecordType,
+    rcode: ResponseCode,
+}
+
+/// The answers a UDP thread has already built, by the query's bytes after
+/// its ID. Cluster answers depend only on the question, the EDNS the query
+/// carries (both inside those bytes) and the snapshot: so an identical
+/// query gets the identical reply with its own ID patched in, without
+/// parsing, answering or encoding again — what makes repeated names (the
+/// common case: every pod asks for the same services) cost two syscalls
+/// and a hash lookup. Entries live as long as the snapshot they came from
+/// (a new snapshot empties the cache) and never hold what the upstream
+/// resolvers said (their TTLs run; `server::upstream_used`). Per thread,
+/// so no locks; bounded, emptied when full.
+#[derive(Default)]
+struct AnswerCache {
+    /// The snapshot the entries were answered from, held so that its
+    /// address cannot be reused by a newer one while we compare.
+    snapshot: Option<Arc<Snapshot>>,
+    entries: HashMap<Box<[u8]>, Prepared, foldhash::fast::RandomState>,
+}
+
+impl AnswerCache {
+    /// Empties the cache when the snapshot changed since it was filled.
+    fn follow(&mut self, current: &ArcSwapOption<Snapshot>) {
+        let now = current.load();
+        let same = match (now.as_ref(), self.snapshot.as_ref()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.entries.clear();
+            self.snapshot = now.clone();
+        }
+    }
+
+    fn get(&self, query: &[u8]) -> Option<&Prepared> {
+        self.entries.get(query.get(2..)?)
+    }
+
+    fn insert(&mut self, query: &[u8], prepared: Prepared) {
+        let Some(key) = query.get(2..) else { return };
+        if self.entries.len() >= CACHE_ENTRIES {
+            self.entries.clear();
+        }
+        self.entries.insert(key.into(), prepared);
+    }
+}
 
 /// Sends one encoded reply to the query's source (blocking send: on a
 /// local UDP socket with a 4 MiB buffer it does not wait).
@@ -63,6 +138,9 @@ impl ResponseHandler for Reply {
         encoder.set_max_size(max);
         let info = response.destructive_emit(&mut encoder)?;
         self.socket.send_to(&bytes, self.dst)?;
+        if CAPTURING.with(Cell::get) {
+            CAPTURED.with(|c| *c.borrow_mut() = Some(bytes));
+        }
         Ok(info)
     }
 }
@@ -107,7 +185,11 @@ fn serve(
     // Forwarding creates Tokio sockets and timers on its first poll.
     let _in_runtime = rt.enter();
     let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(512);
     let mut cx = Context::from_waker(Waker::noop());
+    let mut cache = AnswerCache::default();
+    let snapshots = handler.0.snapshot.clone();
+    let metrics = handler.0.metrics.clone();
     while !stop.load(Ordering::Relaxed) {
         let (n, src) = match socket.recv_from(&mut buf) {
             Ok(r) => r,
@@ -134,6 +216,24 @@ fn serve(
             continue;
         }
         let datagram = &buf[..n];
+        let started = Instant::now();
+        cache.follow(&snapshots);
+        if let Some(p) = cache.get(datagram) {
+            out.clear();
+            out.extend_from_slice(&p.reply);
+            out[..2].copy_from_slice(&datagram[..2]);
+            if let Err(e) = socket.send_to(&out, src) {
+                tracing::debug!(%src, error = %e, "sending a DNS reply failed");
+            }
+            metrics.query(
+                Proto::Udp,
+                src.is_ipv6(),
+                p.qtype,
+                p.rcode,
+                started.elapsed(),
+            );
+            continue;
+        }
         let request = match Request::from_bytes(datagram.to_vec(), src, Protocol::Udp) {
             Ok(r) => r,
             Err(e) => {
@@ -148,6 +248,10 @@ fn serve(
             // Never answer responses (reflection loops).
             continue;
         }
+        let qtype = match request.queries.queries() {
+            [q] => Some(q.query_type()),
+            _ => None,
+        };
         let reply = Reply {
             socket: socket.clone(),
             dst: src,
@@ -160,9 +264,33 @@ fn serve(
                 .handle_request::<Reply, TokioTime>(&request, reply)
                 .await
         });
-        if fut.as_mut().poll(&mut cx).is_pending() {
-            // Network I/O ahead: Tokio re-polls it with a real waker.
-            rt.spawn(fut);
+        server::reset_upstream_used();
+        CAPTURING.with(|c| c.set(true));
+        let polled = fut.as_mut().poll(&mut cx);
+        CAPTURING.with(|c| c.set(false));
+        let sent = CAPTURED.with(|c| c.borrow_mut().take());
+        match polled {
+            std::task::Poll::Pending => {
+                // Network I/O ahead: Tokio re-polls it with a real waker.
+                rt.spawn(fut);
+            }
+            std::task::Poll::Ready(info) => {
+                let rcode = info.response_code;
+                let keep = matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain)
+                    && !server::upstream_used();
+                if let (true, Some(reply), Some(qtype)) = (keep, sent, qtype)
+                    && reply.len() >= 12
+                {
+                    cache.insert(
+                        datagram,
+                        Prepared {
+                            reply: reply.into_boxed_slice(),
+                            qtype,
+                            rcode,
+                        },
+                    );
+                }
+            }
         }
     }
 }

@@ -372,3 +372,38 @@ async fn compacted_watch_relists() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Repeated identical questions are answered from the UDP threads'
+/// prepared replies: every reply carries its own query's ID and the same
+/// answer, the query metrics count each one, and a change to the service
+/// is answered at once (a new snapshot empties the prepared replies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_questions_keep_their_ids_and_follow_changes() {
+    let ports = json!([{"name": "http", "port": 80, "protocol": "TCP"}]);
+    let c = Cluster::start(&[service("default", "rep", "10.43.0.40", ports.clone())]).await;
+    let name = "rep.default.svc.cluster.local.";
+    let before = c.dns.metrics().queries("A", "NOERROR");
+    for _ in 0..50 {
+        // `ask` checks the reply's ID is this query's (a new one each time).
+        let (m, _) = ask(c.addr(), name, RecordType::A, Transport::Udp, Some(1232)).await;
+        assert_eq!(data(&m.answers), ["10.43.0.40"]);
+        assert!(m.metadata.authoritative);
+    }
+    let counted = c.dns.metrics().queries("A", "NOERROR") - before;
+    assert_eq!(counted, 50, "every answer is counted, prepared or not");
+    // Another EDNS size is another question (its reply carries its own OPT).
+    let (m, _) = ask(c.addr(), name, RecordType::A, Transport::Udp, Some(4096)).await;
+    assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(4096));
+    let (m, _) = ask(c.addr(), name, RecordType::A, Transport::Udp, None).await;
+    assert!(
+        m.edns.is_none(),
+        "no OPT in the reply to a query without one"
+    );
+    c.put(&service("default", "rep", "10.43.0.41", ports)).await;
+    let took = c
+        .eventually(name, RecordType::A, SECOND, |m| {
+            data(&m.answers) == ["10.43.0.41"]
+        })
+        .await;
+    eprintln!("changed address answered {took:?} after the change");
+}

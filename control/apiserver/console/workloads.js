@@ -2,7 +2,7 @@
 // rollout progress; a workload's pods (status, restarts); a pod's logs,
 // streamed live.
 import { streamLines } from './api.js';
-import { h, clear, throttle, age, workloadOf, capped } from './util.js';
+import { h, clear, throttle, age, workloadOf, capped, keyedTable } from './util.js';
 
 const KINDS = [
   ['deployments', 'Deployment'],
@@ -61,10 +61,14 @@ export function mount(root, ctx) {
   let selected = null; // {kind, name, namespace}
   let filter = '';
 
-  const workloadsEl = h('div');
+  const workloadTable = keyedTable('workloads', ['Kind', 'Namespace', 'Name', 'Rollout', 'Age']);
+  const workloadErrors = h('div');
+  const workloadsEl = h('div', null, workloadErrors, workloadTable.el);
+  const podTable = keyedTable('pod-table', ['Name', 'Status', 'Restarts', 'Node', 'IP', 'Age', 'Logs']);
+  const podNote = h('div');
   const podsTitle = h('h3', null, 'Pods');
   const filterEl = h('input#pod-filter', { type: 'search', placeholder: 'filter pods by name' });
-  const podsEl = h('div#pods');
+  const podsEl = h('div#pods', null, podTable.el, podNote);
   const logsEl = h('div#logs.card', { hidden: true });
   root.append(
     h('h2', null, `Workloads in ${ctx.namespace || 'all namespaces'}`),
@@ -88,7 +92,7 @@ export function mount(root, ctx) {
         const bar = h('div.bar.progress', null, h('span'));
         bar.firstChild.style.width = `${p.want ? Math.min(100, (100 * p.ready) / p.want) : 100}%`;
         rows.push(h(`tr.workload.clickable${isSel ? '.selected' : ''}`, {
-          dataset: { kind, name: o.metadata.name, namespace: o.metadata.namespace },
+          dataset: { key: `${kind}/${o.metadata.namespace}/${o.metadata.name}`, kind, name: o.metadata.name, namespace: o.metadata.namespace },
           onclick: () => {
             selected = { kind, name: o.metadata.name, namespace: o.metadata.namespace };
             draw();
@@ -103,11 +107,8 @@ export function mount(root, ctx) {
     }
     rows.sort((a, b) => a.dataset.name.localeCompare(b.dataset.name));
     const errors = infs.filter(([, i]) => i.error).map(([k, i]) => h('p.error', null, `${k}: ${i.error.message}`));
-    clear(workloadsEl).append(...errors, rows.length
-      ? h('table#workloads', null,
-        h('thead', null, h('tr', null, ['Kind', 'Namespace', 'Name', 'Rollout', 'Age'].map((t) => h('th', null, t)))),
-        h('tbody', null, rows))
-      : h('p.note', null, 'no workloads'));
+    clear(workloadErrors).append(...errors);
+    workloadTable.update(rows, h('p.note', null, 'no workloads'));
 
     let list = pods.list();
     if (selected) {
@@ -123,11 +124,9 @@ export function mount(root, ctx) {
     if (filter) list = list.filter((p) => p.metadata.name.includes(filter));
     list.sort((a, b) => a.metadata.name.localeCompare(b.metadata.name));
     const { items, note } = capped(list, MAX_ROWS, 'pods');
-    clear(podsEl).append(items.length ? h('table#pod-table', null,
-      h('thead', null, h('tr', null, ['Name', 'Status', 'Restarts', 'Node', 'IP', 'Age', 'Logs'].map((t) => h('th', null, t)))),
-      h('tbody', null, items.map((p) => {
+    podTable.update(items.map((p) => {
         const [status, cls] = podStatus(p);
-        return h('tr.pod', { dataset: { name: p.metadata.name, namespace: p.metadata.namespace } },
+        return h('tr.pod', { dataset: { key: `${p.metadata.namespace}/${p.metadata.name}`, name: p.metadata.name, namespace: p.metadata.namespace } },
           h('td', null, p.metadata.name),
           h('td.status', null, h(`span.badge.${cls}`, null, status)),
           h('td.restarts', null, String(restarts(p))),
@@ -139,7 +138,8 @@ export function mount(root, ctx) {
             dataset: { container: c.name },
             onclick: () => openLogs(p.metadata.namespace, p.metadata.name, c.name),
           }, c.name))));
-      }))) : h('p.note', null, pods.synced ? 'no pods' : 'loading…'), note || '');
+      }), h('p.note', null, pods.synced ? 'no pods' : 'loading…'));
+    clear(podNote).append(note || '');
   }, 300);
 
   // One log stream at a time; the previous one is aborted.

@@ -28,11 +28,34 @@ pub const LEASES: Gvr = ("coordination.k8s.io", "v1", "leases");
 #[derive(Debug, Clone)]
 pub struct Client {
     pub api: Arc<Api>,
+    /// Where events go; `None` (unit tests) records nothing.
+    events: Option<crate::events::Recorder>,
 }
 
 impl Client {
     pub fn new(api: Arc<Api>) -> Self {
-        Self { api }
+        Self { api, events: None }
+    }
+
+    /// This client with events posted through `recorder`.
+    pub fn with_events(mut self, recorder: crate::events::Recorder) -> Self {
+        self.events = Some(recorder);
+        self
+    }
+
+    /// Records an event about `obj` (see [`crate::events`]); never blocks.
+    pub fn event(
+        &self,
+        component: &'static str,
+        kind_of: &'static str,
+        obj: &Value,
+        kind: crate::events::EventType,
+        reason: &str,
+        message: String,
+    ) {
+        if let Some(r) = &self.events {
+            r.record(component, kind_of, obj, kind, reason, message);
+        }
     }
 
     pub fn info(&self, gvr: Gvr) -> Result<Arc<ResourceInfo>> {

@@ -10,6 +10,7 @@ use crate::{
     client::Client,
     cron::Schedule,
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     job::JOBS,
     meta,
@@ -239,6 +240,14 @@ impl Reconciler for CronJobController {
                 {
                     Ok(j) => {
                         tracing::info!(cronjob = %key, job = %meta::name(&j), "created a Job");
+                        self.client.event(
+                            "cronjob-controller",
+                            "CronJob",
+                            &cj,
+                            EventType::Normal,
+                            "SuccessfulCreate",
+                            format!("Created job {}", meta::name(&j)),
+                        );
                         active_refs.push(json!({"apiVersion": "batch/v1", "kind": "Job",
                             "name": meta::name(&j), "namespace": ns, "uid": meta::uid(&j)}));
                     }

@@ -11,6 +11,7 @@ use crate::{
     client::{Client, NODES, PODS},
     deployment::{int_or_percent, template_hash},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta,
     own_writes::OwnWrites,
@@ -221,6 +222,14 @@ impl Reconciler for DaemonSetController {
                 if pods.is_empty() {
                     let out = self.client.create(PODS, Some(&ns), probe).await?;
                     self.written.note(key, meta::resource_version(&out));
+                    self.client.event(
+                        "daemonset-controller",
+                        "DaemonSet",
+                        &ds,
+                        EventType::Normal,
+                        "SuccessfulCreate",
+                        format!("Created pod: {}", meta::name(&out)),
+                    );
                     unavailable += 1;
                     continue;
                 }

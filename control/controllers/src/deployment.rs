@@ -9,6 +9,7 @@
 use crate::{
     client::{Client, DEPLOYMENTS, PODS, REPLICA_SETS},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta,
     own_writes::OwnWrites,
@@ -17,6 +18,9 @@ use crate::{
 };
 use serde_json::{Value, json};
 use std::{collections::HashMap, sync::Arc, time::Duration};
+
+/// The events' source, as upstream names it.
+const COMPONENT: &str = "deployment-controller";
 
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 pub const REVISION_HISTORY: &str = "deployment.kubernetes.io/revision-history";
@@ -328,6 +332,23 @@ impl DeploymentController {
             )
             .await?;
         self.written.note(key, meta::resource_version(&out));
+        let from = spec_replicas(rs);
+        let (dir, tail) = if replicas > from {
+            ("up", String::new())
+        } else {
+            ("down", format!(" from {from}"))
+        };
+        self.client.event(
+            COMPONENT,
+            "Deployment",
+            d,
+            EventType::Normal,
+            "ScalingReplicaSet",
+            format!(
+                "Scaled {dir} replica set {} to {replicas}{tail}",
+                meta::name(rs)
+            ),
+        );
         Ok(())
     }
 
@@ -428,6 +449,14 @@ impl DeploymentController {
             Ok(out) => {
                 self.written.note(key, meta::resource_version(&out));
                 tracing::info!(deployment = %key, replicaset = %meta::name(&out), "created a ReplicaSet");
+                self.client.event(
+                    COMPONENT,
+                    "Deployment",
+                    d,
+                    EventType::Normal,
+                    "ScalingReplicaSet",
+                    format!("Scaled up replica set {} to {initial}", meta::name(&out)),
+                );
                 Ok(out)
             }
             Err(e) if e.is_already_exists() => {

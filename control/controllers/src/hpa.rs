@@ -29,6 +29,7 @@
 use crate::{
     client::{Client, PODS},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta, quantity,
     queue::Queue,
@@ -962,6 +963,27 @@ impl HpaController {
                         .or_default()
                         .record_scale(current, desired, now);
                     tracing::info!(hpa = %key, from = current, to = desired, "rescaled the target");
+                    // Upstream's wording, so dashboards and habits carry over.
+                    let reason = if current < min {
+                        "Current number of replicas below Spec.MinReplicas".to_owned()
+                    } else if current > max {
+                        "Current number of replicas above Spec.MaxReplicas".to_owned()
+                    } else if desired > current {
+                        let what = recommendation
+                            .as_ref()
+                            .map_or("a metric", |(_, w)| w.as_str());
+                        format!("{what} above target")
+                    } else {
+                        "All metrics below target".to_owned()
+                    };
+                    self.client.event(
+                        "horizontal-pod-autoscaler",
+                        "HorizontalPodAutoscaler",
+                        hpa,
+                        EventType::Normal,
+                        "SuccessfulRescale",
+                        format!("New size: {desired}; reason: {reason}"),
+                    );
                     able = condition(
                         "AbleToScale",
                         true,

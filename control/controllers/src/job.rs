@@ -9,6 +9,7 @@
 use crate::{
     client::{Client, PODS},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta,
     own_writes::OwnWrites,
@@ -17,6 +18,9 @@ use crate::{
 };
 use serde_json::{Value, json};
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+/// The events' source, as upstream names it.
+const COMPONENT: &str = "job-controller";
 
 pub const JOBS: crate::client::Gvr = ("batch", "v1", "jobs");
 pub const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
@@ -308,6 +312,14 @@ impl Reconciler for JobController {
                     .create(PODS, Some(&ns), Self::pod_for(&job, idx))
                     .await?;
                 self.written.note(key, meta::resource_version(&out));
+                self.client.event(
+                    COMPONENT,
+                    "Job",
+                    &job,
+                    EventType::Normal,
+                    "SuccessfulCreate",
+                    format!("Created pod: {}", meta::name(&out)),
+                );
             }
             if let Some(ads) = spec_i64(&job, "activeDeadlineSeconds") {
                 requeue = Requeue::After(Duration::from_secs(ads.max(1) as u64));
@@ -329,6 +341,14 @@ impl Reconciler for JobController {
             status["completedIndexes"] = json!(format_indexes(&done_indexes));
         }
         if let Some((kind, reason, message)) = outcome {
+            if finished(&job).is_none() {
+                let (t, r, m) = if kind == "Complete" {
+                    (EventType::Normal, "Completed", "Job completed".to_owned())
+                } else {
+                    (EventType::Warning, reason, message.clone())
+                };
+                self.client.event(COMPONENT, "Job", &job, t, r, m);
+            }
             let mut conditions: Vec<Value> = Vec::new();
             if kind == "Complete" {
                 conditions.push(json!({"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",

@@ -16,6 +16,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod error;
+pub mod events;
 pub mod gc;
 pub mod hpa;
 pub mod informer;

@@ -101,6 +101,9 @@ fn start_all(
 ) -> crate::error::Result<Vec<JoinHandle<()>>> {
     let informers = Informers::default();
     let mut tasks = Vec::new();
+    let (recorder, writer) = crate::events::Recorder::start(client.clone());
+    tasks.push(writer);
+    let client = &client.clone().with_events(recorder);
     tasks.extend(GarbageCollector::start(client, &informers));
     tasks.extend(ServiceAccountController::start(client, &informers)?);
     tasks.extend(ReplicaSetController::start(client, &informers)?);

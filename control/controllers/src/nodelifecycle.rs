@@ -18,12 +18,16 @@
 use crate::{
     client::{Client, NODES, PODS},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta,
     queue::Queue,
     runner::{Reconciler, Requeue},
 };
 use serde_json::{Value, json};
+
+/// The events' source, as upstream names it.
+const COMPONENT: &str = "node-controller";
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -308,6 +312,14 @@ impl Reconciler for NodeLifecycle {
         if silent_for > self.grace && status != "Unknown" {
             tracing::warn!(node = %name, silent_s = silent_for.as_secs(), "node stopped reporting; marking it unreachable");
             self.mark_unknown(&node).await?;
+            self.client.event(
+                COMPONENT,
+                "Node",
+                &node,
+                EventType::Normal,
+                "NodeNotReady",
+                format!("Node {name} status is now: NodeNotReady"),
+            );
             return Ok(Requeue::After(Duration::from_millis(100)));
         }
         let unreachable = status == "Unknown" && silent_for > self.grace;
@@ -360,6 +372,14 @@ impl Reconciler for TaintEviction {
             None => Ok(Requeue::No),
             Some(0) => {
                 tracing::info!(pod = %key, node = %meta::name(&node), "evicting: untolerated NoExecute taint");
+                c.client.event(
+                    COMPONENT,
+                    "Pod",
+                    &pod,
+                    EventType::Normal,
+                    "TaintManagerEviction",
+                    format!("Marking for deletion Pod {key}"),
+                );
                 crate::client::ignore_not_found(
                     c.client
                         .delete(

@@ -12,6 +12,7 @@
 use crate::{
     client::{Client, PODS, REPLICA_SETS},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta,
     own_writes::OwnWrites,
@@ -19,6 +20,9 @@ use crate::{
     runner::{Reconciler, Requeue},
 };
 use futures::future::join_all;
+
+/// The events' source, as upstream names it.
+const COMPONENT: &str = "replicaset-controller";
 use serde_json::{Value, json};
 use std::{sync::Arc, time::Duration};
 
@@ -185,8 +189,26 @@ impl ReplicaSetController {
         let mut first_err = None;
         for r in results {
             match r {
-                Ok(p) => self.written.note(key, meta::resource_version(&p)),
+                Ok(p) => {
+                    self.written.note(key, meta::resource_version(&p));
+                    self.client.event(
+                        COMPONENT,
+                        "ReplicaSet",
+                        rs,
+                        EventType::Normal,
+                        "SuccessfulCreate",
+                        format!("Created pod: {}", meta::name(&p)),
+                    );
+                }
                 Err(e) => {
+                    self.client.event(
+                        COMPONENT,
+                        "ReplicaSet",
+                        rs,
+                        EventType::Warning,
+                        "FailedCreate",
+                        format!("Error creating: {e}"),
+                    );
                     first_err.get_or_insert(e);
                 }
             }
@@ -194,7 +216,13 @@ impl ReplicaSetController {
         first_err.map_or(Ok(()), Err)
     }
 
-    async fn delete_pods(&self, key: &str, mut pods: Vec<Arc<Value>>, n: usize) -> Result<()> {
+    async fn delete_pods(
+        &self,
+        key: &str,
+        rs: &Value,
+        mut pods: Vec<Arc<Value>>,
+        n: usize,
+    ) -> Result<()> {
         pods.sort_by_key(|p| Self::deletion_rank(p));
         let victims: Vec<_> = pods.into_iter().take(n.min(BURST)).collect();
         let results = join_all(victims.iter().map(|p| {
@@ -203,9 +231,19 @@ impl ReplicaSetController {
         }))
         .await;
         let mut first_err = None;
-        for r in results {
+        for (r, victim) in results.into_iter().zip(&victims) {
             match r {
-                Ok(p) => self.written.note(key, meta::resource_version(&p)),
+                Ok(p) => {
+                    self.written.note(key, meta::resource_version(&p));
+                    self.client.event(
+                        COMPONENT,
+                        "ReplicaSet",
+                        rs,
+                        EventType::Normal,
+                        "SuccessfulDelete",
+                        format!("Deleted pod: {}", meta::name(victim)),
+                    );
+                }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => {
                     first_err.get_or_insert(e);
@@ -255,7 +293,7 @@ impl Reconciler for ReplicaSetController {
             let r = if active.len() < want {
                 self.create_pods(key, &rs, want - active.len()).await
             } else if active.len() > want {
-                self.delete_pods(key, active.clone(), active.len() - want)
+                self.delete_pods(key, &rs, active.clone(), active.len() - want)
                     .await
             } else {
                 Ok(())

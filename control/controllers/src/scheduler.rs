@@ -21,6 +21,7 @@
 use crate::{
     client::{Client, NODES, PODS},
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta, quantity,
     queue::Queue,
@@ -601,6 +602,16 @@ impl Scheduler {
         {
             return Ok(());
         }
+        // Once per distinct reason (a retry with the same verdict is not
+        // news; the condition already says it).
+        self.client.event(
+            SCHEDULER_NAME,
+            "Pod",
+            pod,
+            EventType::Warning,
+            "FailedScheduling",
+            message.clone(),
+        );
         let mut conditions: Vec<Value> = pod
             .pointer("/status/conditions")
             .and_then(Value::as_array)
@@ -661,6 +672,14 @@ impl Scheduler {
         match self.client.bind(ns.unwrap_or("default"), name, &node).await {
             Ok(()) => {
                 tracing::debug!(pod = %key, %node, "bound");
+                self.client.event(
+                    SCHEDULER_NAME,
+                    "Pod",
+                    &pod,
+                    EventType::Normal,
+                    "Scheduled",
+                    format!("Successfully assigned {key} to {node}"),
+                );
                 // A pod once found unschedulable: the kubelet reports
                 // PodScheduled=True when it takes the pod; until then the
                 // stale Unschedulable condition should not show.

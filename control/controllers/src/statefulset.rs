@@ -15,6 +15,7 @@ use crate::{
     client::{Client, PODS},
     deployment::template_hash,
     error::Result,
+    events::EventType,
     informer::{Change, Informer, Informers},
     meta,
     own_writes::OwnWrites,
@@ -243,7 +244,21 @@ impl Reconciler for StatefulSetController {
                         .create(PODS, Some(&ns), Self::pod_for(&sts, ord, &update_rev))
                         .await
                     {
-                        Ok(out) => self.written.note(key, meta::resource_version(&out)),
+                        Ok(out) => {
+                            self.written.note(key, meta::resource_version(&out));
+                            self.client.event(
+                                "statefulset-controller",
+                                "StatefulSet",
+                                &sts,
+                                EventType::Normal,
+                                "SuccessfulCreate",
+                                format!(
+                                    "create Pod {} in StatefulSet {} successful",
+                                    meta::name(&out),
+                                    meta::name(&sts)
+                                ),
+                            );
+                        }
                         Err(e) if e.is_already_exists() => {}
                         Err(e) => return Err(e),
                     }

@@ -183,3 +183,80 @@ async fn one_leader_at_a_time_and_takeover_after_expiry() {
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     assert!(!leader::try_acquire_or_renew(&client, &a).await.unwrap());
 }
+
+/// Events: a new one is created with the object's reference; the same
+/// event again raises the first one's count instead of adding another;
+/// a different message is a new event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_posted_and_repeats_aggregated() {
+    use skep_controllers::events::{EventType, Recorder};
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("state.db")).unwrap());
+    let client = api_on(store).await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "default", "uid": "u-1", "resourceVersion": "7"}});
+    let (recorder, writer) = Recorder::start(client.clone());
+    let client = client.with_events(recorder);
+    for _ in 0..3 {
+        client.event(
+            "default-scheduler",
+            "Pod",
+            &pod,
+            EventType::Warning,
+            "FailedScheduling",
+            "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.".into(),
+        );
+    }
+    client.event(
+        "default-scheduler",
+        "Pod",
+        &pod,
+        EventType::Normal,
+        "Scheduled",
+        "Successfully assigned default/web-1 to n1".into(),
+    );
+    let events = client.info(("", "v1", "events")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let items = loop {
+        let list = client
+            .api
+            .list(
+                &skep_apiserver::routes::ResourceRoute {
+                    info: events.clone(),
+                    namespace: Some("default".into()),
+                    name: None,
+                    subresource: None,
+                },
+                &skep_apiserver::api::Query::new(),
+            )
+            .await
+            .unwrap();
+        let items = list.items;
+        let failed = items.iter().find(|e| e["reason"] == "FailedScheduling");
+        if items.len() == 2 && failed.is_some_and(|e| e["count"] == 3) {
+            break items;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected 2 events, FailedScheduling with count 3: {items:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for e in &items {
+        assert_eq!(e["involvedObject"]["kind"], "Pod");
+        assert_eq!(e["involvedObject"]["name"], "web-1");
+        assert_eq!(e["involvedObject"]["uid"], "u-1");
+        assert_eq!(e["source"]["component"], "default-scheduler");
+        assert!(
+            e["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("web-1.")
+        );
+        assert!(e["lastTimestamp"].is_string() && e["firstTimestamp"].is_string());
+    }
+    let scheduled = items.iter().find(|e| e["reason"] == "Scheduled").unwrap();
+    assert_eq!(scheduled["type"], "Normal");
+    assert_eq!(scheduled["count"], 1);
+    writer.abort();
+}

@@ -197,13 +197,23 @@ async fn until(b: &Client, what: &str, timeout: Duration, script: &str) -> Value
     }
 }
 
+/// Clicks the element `css` selects. A row the view redrew between the
+/// find and the click is found again (WebDriver's stale element), up to
+/// ten times.
 async fn click(b: &Client, css: &str) {
-    b.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("find {css}: {e}"))
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    for attempt in 0.. {
+        let e = b
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("find {css}: {e}"));
+        match e.click().await {
+            Ok(()) => return,
+            Err(e) if attempt < 10 && e.to_string().contains("stale element") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("click {css}: {e}"),
+        }
+    }
 }
 
 fn manifests() -> Value {
@@ -659,6 +669,287 @@ async fn console_in_a_real_browser() {
     .await;
     screenshot(&b, "events").await;
 
+    at_scale(&b, &c, frontend, web).await;
+
     b.close().await.unwrap();
     drop(driver);
+}
+
+/// Pods of the scale check: unschedulable on purpose (no node has the
+/// label), so 1,000 of them are real API objects without 1,000 processes.
+const BULK_PODS: usize = 1000;
+/// The connection rate and duration of the scale check (bounded: at most
+/// `FLOW_RATE × FLOW_SECS` connections, all inside the test's namespaces).
+const FLOW_RATE: u64 = 100;
+const FLOW_SECS: u64 = 15;
+
+/// CPU time (user + system, clock ticks) of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
+/// New TCP connections from `netns` to `to:80` at `FLOW_RATE`/s for
+/// `FLOW_SECS`; returns how many were accepted.
+fn connection_burst(netns: String, to: Ipv4Addr) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        enter_netns(&netns);
+        let start = Instant::now();
+        let total = FLOW_RATE * FLOW_SECS;
+        let mut ok = 0;
+        for i in 0..total {
+            // Paced against the start, so a slow connect does not lower
+            // the rate of the rest.
+            let due = start + Duration::from_micros(i * 1_000_000 / FLOW_RATE);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if TcpStream::connect_timeout(&(to, 80).into(), Duration::from_secs(1)).is_ok() {
+                ok += 1;
+            }
+            if start.elapsed() > Duration::from_secs(FLOW_SECS + 10) {
+                break;
+            }
+        }
+        ok
+    })
+}
+
+/// The console with 1,000 pods and a flow stream of ~100 flows/s: the
+/// workloads view lists the 1,000 pods (its table capped, the count
+/// exact), the service map receives every flow of the burst, the page
+/// makes no polling requests meanwhile and stays interactive. The
+/// figures (render time, event-loop lag, long tasks, heap, server CPU) go
+/// to target/console-screenshots/scale.json; they are reported, not
+/// asserted.
+async fn at_scale(b: &Client, c: &Cluster, frontend: &AppPod, web: &AppPod) {
+    let bulk = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "bulk", "namespace": NS},
+        "spec": {
+            "replicas": BULK_PODS,
+            "selector": {"matchLabels": {"app": "bulk"}},
+            "template": {
+                "metadata": {"labels": {"app": "bulk"}},
+                "spec": {
+                    "nodeSelector": {"skep.io/console-test": "no-such-node"},
+                    "containers": [{"name": "idle", "image": "host", "command": ["sleep", "3600"]}]
+                }
+            }
+        }
+    });
+    let created = Instant::now();
+    c.apply(&bulk.to_string());
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let names = c.kubectl_ok(&["get", "pods", "-n", NS, "-l", "app=bulk", "-o", "name"]);
+        let n = names.lines().count();
+        if n == BULK_PODS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bulk Deployment made {n} of {BULK_PODS} pods in 240 s"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let create_s = created.elapsed().as_secs_f64();
+    println!("{BULK_PODS} pods created in {create_s:.1} s");
+
+    // The workloads view: the Deployment's 1,000 pods, drawn capped.
+    click(b, "a[data-view=workloads]").await;
+    let t = Instant::now();
+    until(
+        b,
+        "the bulk Deployment in the workloads view",
+        Duration::from_secs(30),
+        "return !!document.querySelector('tr.workload[data-kind=Deployment][data-name=bulk]')",
+    )
+    .await;
+    click(b, "tr.workload[data-kind=Deployment][data-name=bulk]").await;
+    let note = until(
+        b,
+        "the bulk Deployment's 1,000 pods",
+        Duration::from_secs(30),
+        &format!(
+            "const title = document.getElementById('pods').previousElementSibling.textContent;
+             const note = [...document.querySelectorAll('#pods p.note')].map(n => n.textContent).join(' ');
+             const rows = document.querySelectorAll('#pod-table tr.pod').length;
+             return title.includes('bulk') && note.includes('of {BULK_PODS} pods') && rows > 0 && rows <= 200
+                 ? note + ' (' + rows + ' rows)' : null"
+        ),
+    )
+    .await;
+    let render_ms = t.elapsed().as_secs_f64() * 1000.0;
+    println!("workloads view: {note}, drawn in {render_ms:.0} ms");
+    let pending = b
+        .execute(
+            "return [...document.querySelectorAll('#pod-table tr.pod .status')].every(s => s.textContent === 'Pending')",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(pending, json!(true), "the unschedulable pods show Pending");
+    screenshot(b, "scale-workloads").await;
+
+    // The service map under a burst of new connections.
+    click(b, "a[data-view=map]").await;
+    let received = |v: &Value| -> u64 {
+        v.as_str()
+            .and_then(|t| t.strip_prefix("live: "))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = until(
+        b,
+        "the service map's live flow stream",
+        Duration::from_secs(20),
+        "const t = document.getElementById('map-status').textContent;
+         return t.startsWith('live: ') ? t : null",
+    )
+    .await;
+    // Quiet first: the stream replays the last minutes, then settles.
+    let mut start_count = received(&before);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = received(
+            &b.execute(
+                "return document.getElementById('map-status').textContent",
+                vec![],
+            )
+            .await
+            .unwrap(),
+        );
+        if now == start_count {
+            break;
+        }
+        start_count = now;
+    }
+    // Page-side probes: event-loop lag (a 50 ms timer's lateness), long
+    // tasks, and every request the page starts from now on.
+    b.execute(
+        "window.__scale = { lag: [], long: [], t0: performance.now() };
+         let last = performance.now();
+         window.__scale.timer = setInterval(() => {
+           const n = performance.now(); window.__scale.lag.push(n - last - 50); last = n;
+         }, 50);
+         try {
+           new PerformanceObserver((l) => l.getEntries().forEach((e) => window.__scale.long.push(e.duration)))
+             .observe({ type: 'longtask' });
+         } catch (_) {}",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let server_pid = c.nodes[0].pid().expect("the server node runs");
+    let cpu0 = cpu_ticks(server_pid);
+    let t0 = Instant::now();
+    let accepted = tokio::task::spawn_blocking({
+        let h = connection_burst(frontend.netns.clone(), web.ip);
+        move || h.join().expect("the connection burst")
+    })
+    .await
+    .unwrap();
+    let burst_s = t0.elapsed().as_secs_f64();
+    let cpu_s = (cpu_ticks(server_pid) - cpu0) as f64 / clock_ticks() as f64;
+    let attempted = FLOW_RATE * FLOW_SECS;
+    assert!(
+        accepted >= attempted * 95 / 100,
+        "only {accepted} of {attempted} allowed connections frontend → web were accepted"
+    );
+    // Every accepted connection is at least one FORWARDED flow into web.
+    let expect = start_count + accepted;
+    let after = until(
+        b,
+        "every flow of the burst in the service map",
+        Duration::from_secs(30),
+        &format!(
+            "const t = document.getElementById('map-status').textContent;
+             const n = parseInt(t.replace('live: ', ''));
+             return n >= {expect} ? t : null"
+        ),
+    )
+    .await;
+    let delivered = received(&after) - start_count;
+    let page = b
+        .execute(
+            "clearInterval(window.__scale.timer);
+             const s = window.__scale;
+             const lag = s.lag.slice().sort((a, b) => a - b);
+             const reqs = performance.getEntriesByType('resource')
+               .filter((e) => e.startTime >= s.t0).map((e) => e.name);
+             return {
+               lag_p50_ms: lag[Math.floor(lag.length / 2)] || 0,
+               lag_p99_ms: lag[Math.floor(lag.length * 0.99)] || 0,
+               lag_max_ms: lag[lag.length - 1] || 0,
+               long_tasks: s.long.length,
+               long_task_ms: s.long.reduce((a, b) => a + b, 0),
+               heap_mb: performance.memory ? performance.memory.usedJSHeapSize / 1048576 : null,
+               requests: reqs,
+               edges: document.querySelectorAll('g.edge').length,
+             };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    println!("service map under load: {page}");
+    let requests = page["requests"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(
+        requests <= 5,
+        "the page polled during the burst ({requests} requests): {}",
+        page["requests"]
+    );
+    screenshot(b, "scale-service-map").await;
+    // Still interactive: the busy edge opens its flows.
+    let edge =
+        format!("g.edge[data-verdict=FORWARDED][data-from='{NS}/frontend'][data-to='{NS}/web']");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(e) = b.find(Locator::Css(&edge)).await {
+            let _ = e.click().await;
+        }
+        let shown = b
+            .execute(
+                "return !!document.querySelector('#edge-detail tr.flow')",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if shown == json!(true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the busy edge does not open its flows"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let figures = json!({
+        "pods": BULK_PODS,
+        "pods_created_s": create_s,
+        "workloads_view_ms": render_ms,
+        "connections": accepted,
+        "burst_s": burst_s,
+        "flows_delivered": delivered,
+        "flows_per_s": delivered as f64 / burst_s,
+        "server_cpu_percent": 100.0 * cpu_s / burst_s,
+        "page": page,
+    });
+    let path = screenshot_dir().join("scale.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&figures).unwrap()).unwrap();
+    println!("scale figures ({}): {figures}", path.display());
 }

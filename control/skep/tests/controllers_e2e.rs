@@ -551,6 +551,18 @@ fn deployment_schedules_scales_heals_rolls_and_rolls_back() {
         d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
         "3"
     );
+    // What the controllers did, in `kubectl describe`'s Events.
+    let described = s.k(V, &["-n", "roll", "describe", "deploy", "web"]);
+    assert!(
+        described.contains("ScalingReplicaSet")
+            && described.contains(&format!("Scaled up replica set {rs1} to")),
+        "{described}"
+    );
+    let described = s.k(V, &["-n", "roll", "describe", "rs", rs1.as_str()]);
+    assert!(
+        described.contains("SuccessfulCreate") && described.contains("Created pod: "),
+        "{described}"
+    );
 }
 
 const RS: &str = "apiVersion: apps/v1
@@ -821,6 +833,44 @@ fn scheduler_explains_unschedulable_pods_and_retries_on_node_changes() {
     eventually(20, "pod c bound after uncordon", || {
         (s.json(V, &["-n", "sched", "get", "pod", "c"])["spec"]["nodeName"] == "fast").then_some(())
     });
+    // The scheduler's story, as `kubectl describe pod` tells it: why it
+    // waited (once per distinct reason), then where it went.
+    let described = eventually(
+        20,
+        "FailedScheduling and Scheduled events on pod ssd",
+        || {
+            let d = s.k(V, &["-n", "sched", "describe", "pod", "ssd"]);
+            (d.contains("FailedScheduling")
+                && d.contains(
+                    "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.",
+                )
+                && d.contains("Successfully assigned sched/ssd to fast"))
+            .then_some(d)
+        },
+    );
+    assert!(described.contains("default-scheduler"), "{described}");
+    let events = items(
+        &s,
+        &[
+            "-n",
+            "sched",
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=c",
+        ],
+    );
+    let failed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "FailedScheduling")
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "one FailedScheduling event for pod c: {events:#?}"
+    );
+    assert_eq!(failed[0]["type"], "Warning");
+    assert_eq!(failed[0]["involvedObject"]["kind"], "Pod");
 }
 
 #[test]

@@ -64,6 +64,11 @@ impl Node {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The node process's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The agent's own state directory (containers, pods, IPAM).
     pub fn agent_dir(&self, server: bool) -> PathBuf {
         if server {
@@ -427,6 +432,8 @@ fn kill_cgroups(node: &str) {
         "/sys/fs/cgroup/cpu",
         "/sys/fs/cgroup/pids",
         "/sys/fs/cgroup/cpuacct",
+        // Hybrid hosts: the pods' cgroup v2 dirs (the mesh capture's).
+        "/sys/fs/cgroup/unified",
         "/sys/fs/cgroup",
     ] {
         let top = Path::new(root).join(format!("skep-{node}"));
