@@ -50,6 +50,9 @@ impl Dockerd {
                 "--iptables=false",
                 "--ip6tables=false",
                 "--ip-masq=false",
+                // The host's forwarding stays as it was (dockerd turns it
+                // on by default): nothing of the tests is routed through.
+                "--ip-forward=false",
                 "--userland-proxy=false",
             ])
             .stdin(Stdio::null())
