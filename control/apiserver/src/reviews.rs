@@ -190,13 +190,19 @@ pub async fn bind(api: &Api, r: &ResourceRoute, binding: Value) -> Result<Value,
     )
 }
 
-/// `pods/eviction`: deletes the pod (disruption budgets arrive with the
-/// controllers).
+/// `pods/eviction`: deletes the pod unless that would break its
+/// PodDisruptionBudget (upstream's rules, see [`reserve_disruption`]).
 pub async fn evict(api: &Api, r: &ResourceRoute, eviction: Value) -> Result<Value, ApiError> {
     let pods = ResourceRoute {
         subresource: None,
         ..r.clone()
     };
+    let pod = api.get(&pods).await?;
+    let phase = pod.pointer("/status/phase").and_then(Value::as_str);
+    // A finished pod disrupts nothing.
+    if !matches!(phase, Some("Succeeded" | "Failed")) {
+        reserve_disruption(api, &pod).await?;
+    }
     let options = eviction
         .get("deleteOptions")
         .cloned()
@@ -206,4 +212,108 @@ pub async fn evict(api: &Api, r: &ResourceRoute, eviction: Value) -> Result<Valu
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201,
               "details": {"name": objects::name(&deleted), "kind": "pods"}}),
     )
+}
+
+/// The eviction's check against the pod's PodDisruptionBudget. None → go;
+/// more than one → refused (500, as upstream: which one would decide?);
+/// one whose status is not current or allows no disruption → 429, which
+/// `kubectl drain` retries every 5 s. A pod that is not Ready may go when
+/// the budget is already met without it (upstream's default
+/// `IfHealthyBudget`). Otherwise the disruption is taken from the budget
+/// — `disruptionsAllowed` − 1 and the pod in `disruptedPods` — by a status
+/// update on the version read, so two concurrent evictions can never both
+/// spend the last allowed disruption.
+async fn reserve_disruption(api: &Api, pod: &Value) -> Result<(), ApiError> {
+    let Some(info) = api.registry.lookup("policy", "v1", "poddisruptionbudgets") else {
+        return Ok(());
+    };
+    let ns = objects::namespace(pod).unwrap_or("default").to_owned();
+    let labels = crate::selectors::labels_of(pod);
+    let pod_name = objects::name(pod).to_owned();
+    let ready = pod
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Ready")
+                    && c.get("status").and_then(Value::as_str) == Some("True")
+            })
+        });
+    let list_route = ResourceRoute {
+        info: info.clone(),
+        namespace: Some(ns.clone()),
+        name: None,
+        subresource: None,
+    };
+    for _ in 0..5 {
+        let budgets = api.list(&list_route, &Query::new()).await?.items;
+        let matching: Vec<&Value> = budgets
+            .iter()
+            .filter(|b| {
+                b.pointer("/spec/selector")
+                    .filter(|s| !s.is_null())
+                    .and_then(|s| crate::selectors::LabelSelector::from_json(s).ok())
+                    .is_some_and(|sel| sel.matches(&labels))
+            })
+            .collect();
+        let pdb = match matching.as_slice() {
+            [] => return Ok(()),
+            [one] => *one,
+            _ => {
+                return Err(ApiError::internal(
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                ));
+            }
+        };
+        let int = |p: &str| pdb.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+        let pdb_name = objects::name(pdb).to_owned();
+        let generation = int("/metadata/generation");
+        if int("/status/observedGeneration") < generation {
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {pdb_name} is still being processed by the server."
+                ),
+                causes: Vec::new(),
+            });
+        }
+        let (current, desired) = (int("/status/currentHealthy"), int("/status/desiredHealthy"));
+        if !ready && current >= desired {
+            return Ok(());
+        }
+        let allowed = int("/status/disruptionsAllowed");
+        if allowed <= 0 {
+            return Err(ApiError::TooManyRequests {
+                message: "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+                causes: vec![Cause {
+                    reason: "DisruptionBudget",
+                    message: format!(
+                        "The disruption budget {pdb_name} needs {desired} healthy pods and has {current} currently"
+                    ),
+                    field: String::new(),
+                }],
+            });
+        }
+        let mut updated = pdb.clone();
+        updated["status"]["disruptionsAllowed"] = json!(allowed - 1);
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        if !updated["status"]["disruptedPods"].is_object() {
+            updated["status"]["disruptedPods"] = json!({});
+        }
+        updated["status"]["disruptedPods"][&pod_name] = json!(now);
+        let status_route = ResourceRoute {
+            info: info.clone(),
+            namespace: Some(ns.clone()),
+            name: Some(pdb_name),
+            subresource: Some("status".into()),
+        };
+        match api.update(&status_route, updated, &Query::new()).await {
+            Ok(_) => return Ok(()),
+            Err(ApiError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::TooManyRequests {
+        message: "too many concurrent evictions against one disruption budget; try again".into(),
+        causes: Vec::new(),
+    })
 }

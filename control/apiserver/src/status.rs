@@ -72,6 +72,9 @@ pub enum ApiError {
     UnsupportedMediaType { message: String },
     #[error("{message}")]
     NotAcceptable { message: String },
+    /// 429: try again later (an eviction the disruption budget refuses).
+    #[error("{message}")]
+    TooManyRequests { message: String, causes: Vec<Cause> },
     #[error("{message}")]
     Internal { message: String },
     #[error("{message}")]
@@ -126,6 +129,7 @@ impl ApiError {
             Self::TooLarge { .. } => 413,
             Self::UnsupportedMediaType { .. } => 415,
             Self::Invalid { .. } => 422,
+            Self::TooManyRequests { .. } => 429,
             Self::Internal { .. } => 500,
             Self::Unavailable { .. } => 503,
         }
@@ -146,6 +150,7 @@ impl ApiError {
             Self::TooLarge { .. } => "RequestEntityTooLarge",
             Self::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             Self::Invalid { .. } => "Invalid",
+            Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Internal { .. } => "InternalError",
             Self::Unavailable { .. } => "ServiceUnavailable",
         }
@@ -186,6 +191,12 @@ impl ApiError {
                 }
                 Some(d)
             }
+            Self::TooManyRequests { causes, .. } if !causes.is_empty() => Some(json!({
+                "causes": causes.iter().map(|c| json!({
+                    "reason": c.reason,
+                    "message": c.message,
+                })).collect::<Vec<_>>(),
+            })),
             _ => None,
         };
         if let Some(d) = details {

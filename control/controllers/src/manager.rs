@@ -119,6 +119,9 @@ fn start_all(
     )?);
     tasks.extend(crate::pv_binder::PvBinder::start(client, &informers)?);
     tasks.extend(Scheduler::start(client, &informers)?);
+    tasks.extend(crate::disruption::DisruptionController::start(
+        client, &informers,
+    )?);
     tasks.extend(EndpointsController::start(client, &informers)?);
     tasks.extend(NodeLifecycle::start(
         client,

@@ -1642,3 +1642,128 @@ fn scheduler_honours_pod_anti_affinity_affinity_and_host_ports() {
         (nodes == ["", "h1", "h2"]).then_some(())
     });
 }
+
+const PDB_DEPLOY: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: pdb
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      terminationGracePeriodSeconds: 0
+      containers:
+      - {name: web, image: registry.example/web:v1}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: web
+  namespace: pdb
+spec:
+  minAvailable: MIN
+  selector:
+    matchLabels: {app: web}
+";
+
+/// PodDisruptionBudgets: the status follows the pods; an eviction that
+/// would break the budget is refused with 429 (kubectl drain reports the
+/// budget and retries); with room for one disruption `kubectl drain` moves
+/// the Deployment to another node one pod at a time, never below
+/// minAvailable Ready pods.
+#[test]
+fn disruption_budgets_guard_evictions_and_drain() {
+    let s = Server::start();
+    add_node(&s, "n1", json!({}), 110);
+    add_node(&s, "n2", json!({}), 110);
+    let _kubelet = SimKubelet::start(&s);
+    s.k(V, &["create", "namespace", "pdb"]);
+    s.k(V, &["cordon", "n2"]);
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(&PDB_DEPLOY.replace("MIN", "3")),
+    );
+    eventually(30, "3 web pods Running on n1", || {
+        let pods = running_pods(&s, "pdb", "app=web");
+        (pods.len() == 3 && pods.iter().all(|p| p["spec"]["nodeName"] == "n1")).then_some(())
+    });
+    let status = |s: &Server| s.json(V, &["-n", "pdb", "get", "pdb", "web"])["status"].clone();
+    let st = eventually(30, "the budget's status: 3 healthy, 3 desired", || {
+        let st = status(&s);
+        (st["currentHealthy"] == 3 && st["desiredHealthy"] == 3).then_some(st)
+    });
+    assert_eq!(st["expectedPods"], 3, "{st}");
+    assert_eq!(st["disruptionsAllowed"], 0, "{st}");
+    assert_eq!(st["conditions"][0]["type"], "DisruptionAllowed", "{st}");
+    assert_eq!(st["conditions"][0]["status"], "False", "{st}");
+
+    // No disruption allowed: the eviction API says 429, drain gives up.
+    let pod = running_pods(&s, "pdb", "app=web")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refused = api(
+        &s,
+        "POST",
+        &format!("/api/v1/namespaces/pdb/pods/{pod}/eviction"),
+        "application/json",
+        Some(&format!(
+            r#"{{"apiVersion":"policy/v1","kind":"Eviction","metadata":{{"name":"{pod}","namespace":"pdb"}}}}"#
+        )),
+    );
+    assert_eq!(refused["code"], 429, "{refused}");
+    assert_eq!(refused["reason"], "TooManyRequests", "{refused}");
+    assert_eq!(
+        refused["details"]["causes"][0]["message"],
+        "The disruption budget web needs 3 healthy pods and has 3 currently",
+        "{refused}"
+    );
+    let out = s.kubectl(
+        V,
+        &["drain", "n1", "--pod-selector=app=web", "--timeout=7s"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "drain cannot finish: {stderr}");
+    assert!(
+        stderr.contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "{stderr}"
+    );
+    assert_eq!(
+        running_pods(&s, "pdb", "app=web").len(),
+        3,
+        "nothing evicted"
+    );
+
+    // One disruption allowed: drain n1 moves the pods to n2, one by one.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(&PDB_DEPLOY.replace("MIN", "2")),
+    );
+    eventually(30, "one disruption allowed", || {
+        (status(&s)["disruptionsAllowed"] == 1).then_some(())
+    });
+    s.k(V, &["uncordon", "n2"]);
+    let (stop, sampler) = sample_available(&s, "pdb", "app=web");
+    let drained = s.k(
+        V,
+        &["drain", "n1", "--pod-selector=app=web", "--timeout=120s"],
+    );
+    assert!(drained.contains("drained"), "{drained}");
+    eventually(60, "3 web pods Running on n2", || {
+        let pods = running_pods(&s, "pdb", "app=web");
+        (pods.len() == 3 && pods.iter().all(|p| p["spec"]["nodeName"] == "n2")).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    let min = sampler.join().unwrap();
+    assert!(
+        min >= 2,
+        "the drain went below the budget: {min} Ready pods at one point"
+    );
+}
