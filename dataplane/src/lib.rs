@@ -9,6 +9,7 @@ pub mod counter;
 pub mod error;
 pub mod flows;
 pub mod lb;
+pub mod mesh;
 pub mod netns;
 pub mod object;
 pub mod podnet;

@@ -76,6 +76,30 @@ async fn answer(mut tcp: TcpStream, state: &AdminState) -> std::io::Result<()> {
                 )
             }
         }
+        // [mesh] the workload identity in use (the kubelet copies it into
+        // pod annotations for `skep ctl mesh status`).
+        ("GET", "/identity") => match state.identity.current() {
+            Some(c) => {
+                let not_after = c
+                    .not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                (
+                    "200 OK",
+                    "application/json",
+                    format!(
+                        "{{\"spiffeId\":\"{}\",\"notAfterUnix\":{not_after}}}\n",
+                        c.spiffe_id
+                    ),
+                )
+            }
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "no workload certificate yet\n".into(),
+            ),
+        },
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4",

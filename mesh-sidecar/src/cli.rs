@@ -65,6 +65,12 @@ pub struct SidecarArgs {
     /// others are passed through in plaintext.
     #[arg(long, env = "SKEP_MESH_MESHED_PEERS", value_delimiter = ',')]
     pub meshed_peers: Vec<String>,
+    /// Directory of the eBPF capture's pinned maps (SKEP_MESH_ORIG,
+    /// SKEP_MESH_PODS): outbound destinations come from the connect4
+    /// capture and local meshed pods from its table. Without it netfilter
+    /// REDIRECT (SO_ORIGINAL_DST) is expected.
+    #[arg(long, env = "SKEP_MESH_CAPTURE_MAPS")]
+    pub capture_maps: Option<PathBuf>,
     /// Milliseconds to wait for an inbound client's first byte.
     #[arg(long, default_value_t = 100)]
     pub detect_timeout_ms: u64,
@@ -107,16 +113,20 @@ pub async fn run(args: SidecarArgs) -> Result<(), Error> {
     let renewal = identity::spawn_renewal(identity.clone(), Arc::new(client));
     // Until the eBPF capture provides its map, netfilter's REDIRECT is the
     // supported outbound capture.
-    let sidecar = Sidecar::start(
-        config,
-        identity,
-        Seams {
+    let seams = match &args.capture_maps {
+        // The eBPF capture ([mesh] part 2): its map and pod table.
+        Some(dir) => Seams {
+            outbound_dst: Arc::new(crate::original_dst::BpfOrigDst::open(dir)?),
+            inbound_dst: Arc::new(LocalAddrDst),
+            meshed: Arc::new(crate::original_dst::BpfMeshedPeers::open(dir, meshed)?),
+        },
+        None => Seams {
             outbound_dst: Arc::new(NetfilterDst),
             inbound_dst: Arc::new(LocalAddrDst),
             meshed: Arc::new(meshed),
         },
-    )
-    .await?;
+    };
+    let sidecar = Sidecar::start(config, identity, seams).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),

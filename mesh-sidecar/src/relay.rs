@@ -106,6 +106,13 @@ async fn copy<R, W>(
         if w.write_all(&buf[..n]).await.is_err() {
             break;
         }
+        // A TLS writer returns once the plaintext is taken, possibly with
+        // records still queued behind a full socket; without a flush they
+        // would wait for the next chunk, which may never come (the peer
+        // waits for this answer). A no-op on plain TCP.
+        if w.flush().await.is_err() {
+            break;
+        }
         let counter = if from_peer {
             &stats.bytes_received
         } else {

@@ -41,6 +41,20 @@ pub enum BenchTarget {
     /// server and agent memory idle and with 100 pods, binary size
     /// (`cargo bench -p skep --bench footprint`; as root).
     Footprint,
+    /// The Ingress proxy vs nginx in front of the same upstream:
+    /// requests/s and p50/p99 for HTTP/1.1 (plain and TLS) and HTTP/2 over
+    /// TLS, RSS of both (`cargo bench -p skep-ingress --bench ingress`; as
+    /// root; traffic stays in a network namespace the benchmark creates).
+    Ingress,
+    /// The scheduler: 10,000 pods on 1,000 simulated nodes (pods/s), a
+    /// Deployment of 1,000 replicas to Ready with simulated kubelets
+    /// (`cargo bench -p skep --bench schedule`).
+    Schedule,
+    /// The mesh's mTLS hop: skep sidecars vs a stunnel pair vs direct,
+    /// latency at 1,000 and 5,000 req/s, max rate, handshakes/s, CPU and
+    /// RSS per proxy (`cargo bench -p skep --bench mesh`; as root; traffic
+    /// stays in network namespaces the benchmark creates).
+    Mesh,
 }
 
 /// How to run one benchmark.
@@ -88,11 +102,29 @@ impl BenchTarget {
                 example: false,
                 report: "target/bench/pods.json",
             },
+            Self::Ingress => Bench {
+                package: "skep-ingress",
+                bench: "ingress",
+                example: false,
+                report: "target/bench/ingress.json",
+            },
             Self::Footprint => Bench {
                 package: "skep",
                 bench: "footprint",
                 example: false,
                 report: "target/bench/footprint.json",
+            },
+            Self::Schedule => Bench {
+                package: "skep",
+                bench: "schedule",
+                example: false,
+                report: "target/bench/schedule.json",
+            },
+            Self::Mesh => Bench {
+                package: "skep",
+                bench: "mesh",
+                example: false,
+                report: "target/bench/mesh.json",
             },
             Self::Dns => Bench {
                 package: "skep-dns",

@@ -4,10 +4,12 @@
 mod bench;
 mod build;
 mod ci;
+mod docker_cluster;
 mod ebpf;
 mod setup;
 mod test;
 mod up;
+mod up_docker;
 mod util;
 mod vm_test;
 

@@ -18,6 +18,9 @@ pub const NIGHTLY: &str = "nightly";
 /// (newer ones need a system LLVM ≥ 21, which Debian 12 lacks).
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 
+/// The constant-rate HTTP load generator of `cargo xtask bench mesh`.
+pub const OHA_VERSION: &str = "1.16.0";
+
 /// Debian packages the tests and benchmarks use (qemu: see [`qemu`]).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
@@ -52,6 +55,12 @@ const APT_PACKAGES: &[&str] = &[
     // The web console's browser tests (control/skep/tests/console_browser.rs).
     "chromium",
     "chromium-driver",
+    // `cargo xtask bench ingress`: the peer proxy and the load generators.
+    "nginx",
+    "wrk",
+    "nghttp2-client",
+    // `cargo xtask bench mesh`: the OpenSSL proxy the sidecar is compared with.
+    "stunnel4",
 ];
 
 /// Python packages of the API tests: the official Kubernetes client, pinned.
@@ -78,6 +87,7 @@ pub fn run() -> Result<()> {
     nightly_toolchain()?;
     rust_src()?;
     bpf_linker()?;
+    oha()?;
     apt_packages(root)?;
     qemu(root)?;
     bpffs(root)?;
@@ -186,6 +196,35 @@ fn bpf_linker() -> Result<()> {
             "bpf-linker was installed but `bpf-linker` does not run: put ~/.cargo/bin on PATH"
         ),
     }
+}
+
+/// The version `oha --version` reports, `None` if it does not run.
+pub fn oha_version() -> Option<String> {
+    let probe = Cmd::new("oha").arg("--version").probe().ok()?;
+    if !probe.success {
+        return None;
+    }
+    // "oha 1.16.0"
+    probe.stdout.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn oha() -> Result<()> {
+    if let Some(v) = oha_version() {
+        step(&format!("oha {v}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "installing oha {OHA_VERSION} (the mesh benchmark's load generator; a few minutes)…"
+    ));
+    Cmd::cargo()
+        .args(["install", &format!("oha@{OHA_VERSION}"), "--locked"])
+        .hint("check network access to crates.io")
+        .run()
+        .context("installing oha")?;
+    if oha_version().is_none() {
+        bail!("oha was installed but `oha` does not run: put ~/.cargo/bin on PATH");
+    }
+    Ok(())
 }
 
 /// The packages from `wanted` that dpkg does not report as installed.

@@ -51,6 +51,14 @@ pub struct UpArgs {
     /// network namespace on a bridge inside the server's.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub nodes: u32,
+    /// Run the nodes as Docker containers on an internal docker network (as
+    /// kind does) instead of network namespaces (xtask/src/up_docker.rs).
+    #[arg(long)]
+    pub docker: bool,
+    /// With --docker: use this Docker daemon's socket instead of starting a
+    /// private dockerd.
+    #[arg(long, requires = "docker")]
+    pub docker_socket: Option<PathBuf>,
 }
 
 const API_PORT: u16 = 6443;
@@ -118,6 +126,9 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<()> {
 }
 
 pub fn up(args: &UpArgs) -> Result<()> {
+    if args.docker {
+        return crate::up_docker::up(args);
+    }
     util::require_root("the cluster gets its own network namespace and veth pair")?;
     let sb = &args.sandbox;
     let state = sb.state_dir();
@@ -582,6 +593,8 @@ fn print_footer(sb: &Sandbox) {
 }
 
 pub fn down(sb: &Sandbox) -> Result<()> {
+    // The docker mode's cluster (if any) goes first.
+    crate::up_docker::down(sb)?;
     util::require_root("removing the cluster's network namespace needs root")?;
     let mut pids: Vec<i32> = read_pid(&sb.pid_file()).into_iter().collect();
     let agents = agent_namespaces(sb);
@@ -750,4 +763,9 @@ fn pod_namespaces(ipam: &Path) -> Vec<String> {
             format!("skep-{hex}")
         })
         .collect()
+}
+
+/// The demo, for the docker mode (xtask/src/up_docker.rs).
+pub(crate) fn run_demo(kubeconfig: &Path, skep: &Path) -> Result<()> {
+    demo(kubeconfig, skep)
 }

@@ -15,6 +15,10 @@ use crate::client::Client;
 use serde_json::{Value, json};
 use std::{
     collections::{HashMap, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
@@ -75,6 +79,8 @@ impl Pending {
 #[derive(Debug, Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Pending>,
+    /// Events dropped so far (a full queue).
+    dropped: Arc<AtomicU64>,
 }
 
 impl Recorder {
@@ -83,7 +89,13 @@ impl Recorder {
     pub fn start(client: Client) -> (Recorder, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(write_events(client, rx));
-        (Recorder { tx }, task)
+        (
+            Recorder {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            task,
+        )
     }
 
     /// Queues an event about `obj`, a `kind` (`Pod`, `ReplicaSet`, …),
@@ -124,7 +136,12 @@ impl Recorder {
             let p = match &e {
                 mpsc::error::TrySendError::Full(p) | mpsc::error::TrySendError::Closed(p) => p,
             };
-            tracing::warn!(reason = %p.reason, object = %p.involved["name"], "event dropped: the event queue is full or closed");
+            // A burst can drop thousands: log the 1st, 2nd, 4th, … only.
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(reason = %p.reason, object = %p.involved["name"], dropped = n,
+                    "events dropped: the event queue is full (events are advisory; the objects are fine)");
+            }
         }
     }
 }

@@ -36,6 +36,7 @@ pub mod runner;
 pub mod scheduler;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod topology_spread;
 pub mod volume_scheduling;
 
 pub use error::Error;

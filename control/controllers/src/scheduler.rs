@@ -4,7 +4,10 @@
 //!
 //! Filters: NodeReady, NodeUnschedulable, TaintToleration (NoSchedule and
 //! NoExecute), NodeAffinity (nodeSelector and required node affinity),
-//! NodeResourcesFit (cpu, memory, pods against allocatable). A pod no node
+//! NodeResourcesFit (cpu, memory, pods against allocatable), inter-pod
+//! affinity and host ports (`interpod`), PodTopologySpread
+//! (`topology_spread`: DoNotSchedule filters; ScheduleAnyway adds to the
+//! score with weight 2, as upstream's default profile). A pod no node
 //! fits gets `PodScheduled=False`, reason `Unschedulable`, with a message
 //! counting the nodes each filter rejected (upstream's wording), and is
 //! retried when nodes or pods change.
@@ -26,6 +29,7 @@ use crate::{
     meta, quantity,
     queue::Queue,
     runner::{Reconciler, Requeue},
+    topology_spread,
     volume_scheduling::{self, ClaimPlan, VolumeInformers, VolumeMisfit},
 };
 use serde_json::{Value, json};
@@ -209,6 +213,8 @@ enum Reject {
     PodAntiAffinity,
     VolumeConflict,
     VolumeBinding,
+    Spread,
+    SpreadLabel,
 }
 
 impl Reject {
@@ -226,6 +232,10 @@ impl Reject {
             Reject::PodAntiAffinity => "node(s) didn't match pod anti-affinity rules",
             Reject::VolumeConflict => "node(s) had volume node affinity conflict",
             Reject::VolumeBinding => "node(s) didn't find available persistent volumes to bind",
+            Reject::Spread => "node(s) didn't match pod topology spread constraints",
+            Reject::SpreadLabel => {
+                "node(s) didn't match pod topology spread constraints (missing required label)"
+            }
         }
     }
 }
@@ -523,18 +533,39 @@ impl Scheduler {
         let mut feasible: Vec<(i64, &Arc<NodeInfo>)> = Vec::new();
         let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
         let mut looked = 0;
-        let neighbours = (crate::interpod::needed(pod) || !a.anti.is_empty()).then(|| {
+        let interpod = crate::interpod::needed(pod) || !a.anti.is_empty();
+        let spreads = topology_spread::needed(pod);
+        // Pods by node, for the filters that look at neighbours.
+        let placed: HashMap<String, Vec<Arc<Value>>> = if interpod || spreads {
             let mut placed: HashMap<String, Vec<Arc<Value>>> = HashMap::new();
             for (k, (node, _)) in &a.placed {
                 if let Some(p) = self.pods.get(k) {
                     placed.entry(node.clone()).or_default().push(p);
                 }
             }
+            placed
+        } else {
+            HashMap::new()
+        };
+        let neighbours = interpod.then(|| {
             let labels = nodes
                 .iter()
                 .map(|n| (meta::name(&n.obj).to_owned(), meta::labels(&n.obj)))
                 .collect();
             crate::interpod::Neighbours::new(pod, &placed, &labels)
+        });
+        let spread = spreads.then(|| {
+            let eligible: Vec<_> = nodes
+                .iter()
+                .map(|n| {
+                    (
+                        meta::name(&n.obj).to_owned(),
+                        meta::labels(&n.obj),
+                        affinity_matches(pod, &n.obj),
+                    )
+                })
+                .collect();
+            topology_spread::Spread::new(pod, &eligible, &placed)
         });
         for n in nodes.iter().cycle().skip(start).take(total) {
             looked += 1;
@@ -555,6 +586,15 @@ impl Scheduler {
                 });
             }
             if why.is_empty()
+                && let Some(sp) = &spread
+                && let Some(m) = sp.check(&meta::labels(&n.obj))
+            {
+                why.push(match m {
+                    topology_spread::Misfit::MissingLabel => Reject::SpreadLabel,
+                    topology_spread::Misfit::Skew => Reject::Spread,
+                });
+            }
+            if why.is_empty()
                 && let Some(m) = volume_scheduling::node_misfit(plans, &n.obj)
             {
                 why.push(match m {
@@ -563,7 +603,12 @@ impl Scheduler {
                 });
             }
             if why.is_empty() {
-                feasible.push((score(req, n.alloc, used), n));
+                // PodTopologySpread weighs 2 against the resource scores,
+                // as in upstream's default profile.
+                let spread_score = spread
+                    .as_ref()
+                    .map_or(0, |sp| 2 * sp.score(&meta::labels(&n.obj)));
+                feasible.push((score(req, n.alloc, used) + spread_score, n));
                 if feasible.len() >= want {
                     break;
                 }

@@ -23,6 +23,7 @@ pub mod flows;
 pub mod ipam;
 mod json;
 pub mod masquerade;
+pub mod mesh;
 pub mod network;
 pub mod node;
 pub mod pods;
@@ -196,6 +197,13 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         ))
     })?;
     let rt = make_runtime(&cfg).await?;
+    // [mesh] what sidecar injection and the capture need from this node.
+    mesh::configure(mesh::MeshNodeConfig {
+        pin_root: cfg.bpf_root.clone(),
+        cgroup_parent: matches!(cfg.runtime, RuntimeKind::Process)
+            .then(|| format!("skep-{}", cfg.node_name)),
+        ca_address: mesh::ca_address_for(client.server(), &cfg.node_ip),
+    });
     let runtime_version = rt
         .version()
         .await
@@ -257,6 +265,12 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
             Ok(l) => {
                 tracing::info!(pins = %root.display(), "service load balancer ready");
                 let shared = Arc::new(std::sync::Mutex::new(l));
+                // [mesh] other nodes' meshed pods into SKEP_MESH_PODS.
+                tokio::spawn(mesh::peers::run(
+                    client.clone(),
+                    cfg.node_name.clone(),
+                    root.clone(),
+                ));
                 tokio::spawn(services::run(
                     client.clone(),
                     shared.clone(),

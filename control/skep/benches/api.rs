@@ -11,19 +11,15 @@
 // Benchmark harness: a failed expect aborts the run with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, client::conn::http1};
+mod apiclient;
+
+use apiclient::{Conn, Server, connect, rss_mb, start_server};
+use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Arc,
     time::{Duration, Instant},
 };
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 const LEVELS: [usize; 3] = [1, 16, 64];
 /// Requests per level and operation.
@@ -31,174 +27,6 @@ const REQUESTS: usize = 3_200;
 const PODS: usize = 10_000;
 const WATCHERS: usize = 100;
 const UPDATES: usize = 1_000;
-
-struct Server {
-    child: Child,
-    port: u16,
-    token: String,
-    ca: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_skep"))
-        .args(["server", "--no-agent", "--data-dir"])
-        .arg(dir.path())
-        .args(["--api-listen", &format!("127.0.0.1:{port}")])
-        .env("SKEP_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start skep server");
-    let token_path = dir.path().join("admin-token");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(token_path.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    Server {
-        child,
-        port,
-        token: std::fs::read_to_string(&token_path)
-            .unwrap()
-            .trim()
-            .to_owned(),
-        ca: std::fs::read_to_string(dir.path().join("tls/ca.crt")).unwrap(),
-        _dir: dir,
-    }
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// One HTTP/1.1 keep-alive connection over TLS.
-struct Conn {
-    send: http1::SendRequest<Full<Bytes>>,
-    token: String,
-}
-
-async fn connect(s: &Server) -> Conn {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut s.ca.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let tls = TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (send, conn) = http1::handshake(hyper_util_io(tls)).await.unwrap();
-    tokio::spawn(conn);
-    Conn {
-        send,
-        token: s.token.clone(),
-    }
-}
-
-fn hyper_util_io<T>(io: T) -> TokioIo<T> {
-    TokioIo(io)
-}
-
-/// Minimal tokio ↔ hyper IO adapter (hyper-util's lives behind features
-/// the benchmark does not otherwise need).
-struct TokioIo<T>(T);
-
-impl<T: tokio::io::AsyncRead + Unpin> hyper::rt::Read for TokioIo<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        mut buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        // SAFETY: the bytes tokio writes into the unfilled part are
-        // initialised before `advance` reports them.
-        let n = unsafe {
-            let mut tbuf = tokio::io::ReadBuf::uninit(buf.as_mut());
-            match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.0), cx, &mut tbuf) {
-                std::task::Poll::Ready(Ok(())) => tbuf.filled().len(),
-                other => return other,
-            }
-        };
-        // SAFETY: n bytes were just initialised above.
-        unsafe { buf.advance(n) };
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> hyper::rt::Write for TokioIo<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut self.0), cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        tokio::io::AsyncWrite::poll_flush(std::pin::Pin::new(&mut self.0), cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut self.0), cx)
-    }
-}
-
-impl Conn {
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        accept: &str,
-    ) -> (u16, Bytes) {
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost")
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "application/json")
-            .header("accept", accept)
-            .body(Full::new(
-                body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
-            ))
-            .unwrap();
-        self.send.ready().await.unwrap();
-        let resp = self.send.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.into_body().collect().await.unwrap().to_bytes())
-    }
-}
 
 fn pod(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "bench", "tier": "web"}},
@@ -445,13 +273,7 @@ async fn main() {
             "/api/v1/namespaces/bench/configmaps?watch=1&resourceVersion={rv}&timeoutSeconds=60"
         );
         watchers.push(tokio::spawn(async move {
-            let req = Request::builder()
-                .uri(path)
-                .header("host", "localhost")
-                .header("authorization", format!("Bearer {}", conn.token))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let mut body = conn.send.send_request(req).await.unwrap().into_body();
+            let mut body = conn.stream(&path).await;
             let mut buf = Vec::new();
             let mut lat = Vec::with_capacity(UPDATES);
             while lat.len() < UPDATES {

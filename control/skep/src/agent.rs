@@ -71,6 +71,9 @@ pub struct NodeArgs {
     /// holding the node IP; the pod hooks enforce policy either way.
     #[arg(long)]
     pub no_xdp_policy: bool,
+    /// The Ingress proxy (ports 80/443) this node runs.
+    #[command(flatten)]
+    pub ingress: skep_ingress::IngressArgs,
 }
 
 /// `--metrics-listen`: an address, or `off`.
@@ -188,6 +191,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         String::from_utf8_lossy(&ca).into_owned(),
         Vec::new(),
     );
+    let _ingress = skep_ingress::spawn(client.clone(), &args.node.ingress, cfg.node_name.clone());
     skep_kubelet::run(client, cfg).await?;
     Ok(())
 }

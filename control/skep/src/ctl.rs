@@ -65,6 +65,9 @@ enum CtlCommand {
     /// Deploy test pods in a temporary namespace and check pod-to-pod,
     /// pod-to-Service, DNS and a NetworkPolicy (like `cilium connectivity test`).
     ConnectivityTest(crate::ctl_connectivity::ConnectivityArgs),
+    /// The service mesh: meshed namespaces, workloads, identities.
+    #[command(subcommand)]
+    Mesh(crate::ctl_mesh::MeshCommand),
     /// The effective NetworkPolicy of a pod: its identity, whether it is
     /// isolated, and each allowed peer and port with the policies behind it.
     Policy(crate::ctl_policy::PolicyArgs),
@@ -459,6 +462,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Svc { .. } => Ok(()),
         CtlCommand::Status => crate::ctl_status::status(&client).await,
         CtlCommand::ConnectivityTest(a) => crate::ctl_connectivity::run(&client, a).await,
+        CtlCommand::Mesh(cmd) => crate::ctl_mesh::run(&client, cmd).await,
         CtlCommand::Flows(mut a) => {
             // Only an explicit -n filters flows; the kubeconfig's default
             // namespace would hide every other namespace's flows.

@@ -152,6 +152,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&manifests_dir)
         .with_context(|| format!("creating {}", manifests_dir.display()))?;
     crate::storage_defaults::write(&manifests_dir)?;
+    skep_ingress::write_class_manifest(&manifests_dir)
+        .context("writing the IngressClass add-on")?;
     let admin = {
         let port = handle.local_addr.port();
         let host = if handle.local_addr.ip().is_unspecified() {
@@ -209,12 +211,16 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 "true".into(),
             )],
         );
+        let _ingress =
+            skep_ingress::spawn(client.clone(), &args.node.ingress, cfg.node_name.clone());
         Some(tokio::spawn(async move {
             if let Err(e) = skep_kubelet::run(client, cfg).await {
                 tracing::error!(error = %e, "node agent stopped");
             }
         }))
     };
+    // status.loadBalancer of skep's Ingresses (the one writer).
+    let _ingress_status = skep_ingress::status::spawn(admin.clone());
     // After the add-ons are written, so the first pass applies them.
     let _manifests = crate::manifests::spawn(admin, manifests_dir);
     eprintln!(

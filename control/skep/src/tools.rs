@@ -203,6 +203,7 @@ fn answer_tcp(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
 }
 
 fn answer_http(stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
@@ -230,12 +231,15 @@ fn answer_http(stream: TcpStream, name: &str) -> std::io::Result<()> {
         let mut body = vec![0u8; length.min(1 << 20)];
         reader.read_exact(&mut body)?;
         let payload = format!("{name}\n");
-        write!(
-            writer,
+        // One write per response: `write!` on the stream would send each
+        // piece as its own segment, and on a keep-alive connection Nagle
+        // plus the client's delayed ACK stalls the tail ~40 ms.
+        let response = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{payload}",
             payload.len(),
             if close { "Connection: close\r\n" } else { "" }
-        )?;
+        );
+        writer.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }

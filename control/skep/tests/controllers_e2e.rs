@@ -1767,3 +1767,85 @@ fn disruption_budgets_guard_evictions_and_drain() {
         "the drain went below the budget: {min} Ready pods at one point"
     );
 }
+
+/// Topology spread: a Deployment spread over zones with maxSkew 1
+/// (DoNotSchedule) lands evenly on the zones, never on a node without
+/// the zone label; the replica that would break the skew stays Pending
+/// with upstream's reason.
+#[test]
+fn topology_spread_keeps_zones_even() {
+    let s = Server::start();
+    add_node(&s, "a1", json!({"zone": "a"}), 110);
+    add_node(&s, "b1", json!({"zone": "b"}), 110);
+    add_node(&s, "nolabel", json!({}), 110);
+    let _kubelet = SimKubelet::start(&s);
+    s.k(V, &["create", "namespace", "spread"]);
+    let deploy = |replicas: u32| {
+        format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: spread}}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: web}}
+  template:
+    metadata:
+      labels: {{app: web}}
+    spec:
+      topologySpreadConstraints:
+      - maxSkew: 1
+        topologyKey: zone
+        whenUnsatisfiable: DoNotSchedule
+        labelSelector:
+          matchLabels: {{app: web}}
+      containers:
+      - {{name: web, image: registry.example/web:v1}}
+"
+        )
+    };
+    s.kubectl_stdin(V, &["apply", "-f", "-"], Some(&deploy(4)));
+    let per_node = |s: &Server| {
+        let mut m = std::collections::BTreeMap::new();
+        for p in running_pods(s, "spread", "app=web") {
+            *m.entry(p["spec"]["nodeName"].as_str().unwrap().to_owned())
+                .or_insert(0) += 1;
+        }
+        m
+    };
+    let placed = eventually(30, "4 web pods Running", || {
+        let m = per_node(&s);
+        (m.values().sum::<i32>() == 4).then_some(m)
+    });
+    assert_eq!(placed.get("a1"), Some(&2), "{placed:?}");
+    assert_eq!(placed.get("b1"), Some(&2), "{placed:?}");
+    assert_eq!(placed.get("nolabel"), None, "{placed:?}");
+
+    // Zone b closed: a fifth replica may go to a (skew 1), a sixth not.
+    s.k(V, &["cordon", "b1"]);
+    s.kubectl_stdin(V, &["apply", "-f", "-"], Some(&deploy(6)));
+    let message = eventually(30, "a web pod Unschedulable for the spread", || {
+        items(&s, &["-n", "spread", "get", "pods", "-l", "app=web"])
+            .iter()
+            .filter_map(|p| {
+                let c = p["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")?
+                    .clone();
+                c["message"].as_str().map(str::to_owned)
+            })
+            .find(|m| m.contains("didn't match pod topology spread constraints"))
+    });
+    assert!(
+        message.contains(
+            "1 node(s) didn't match pod topology spread constraints (missing required label)"
+        ) && message.contains("1 node(s) were unschedulable"),
+        "{message}"
+    );
+    let placed = eventually(30, "5 web pods Running", || {
+        let m = per_node(&s);
+        (m.values().sum::<i32>() == 5).then_some(m)
+    });
+    assert_eq!(placed.get("a1"), Some(&3), "{placed:?}");
+}

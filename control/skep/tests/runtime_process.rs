@@ -182,6 +182,8 @@ impl Drop for Env {
         }
         let unified = Path::new("/sys/fs/cgroup").join(&self.cfg.cgroup_parent);
         remove_cgroup_tree(&unified);
+        // Hybrid hosts: the containers' cgroup v2 dirs (for the mesh capture).
+        remove_cgroup_tree(&Path::new("/sys/fs/cgroup/unified").join(&self.cfg.cgroup_parent));
     }
 }
 

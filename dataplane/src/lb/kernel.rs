@@ -205,7 +205,7 @@ impl KernelDatapath {
         // The policy maps are pinned beside the LB maps (same loader, same
         // object), so a restarted agent re-adopts its rules, its policy
         // conntrack and the flow ring buffer with them.
-        let sizes: [(&'static str, u32); 13] = [
+        let sizes: [(&'static str, u32); 15] = [
             (names::MAP_SERVICES, settings.max_frontends),
             (names::MAP_BACKENDS, settings.max_backends),
             (
@@ -223,6 +223,15 @@ impl KernelDatapath {
             (names::MAP_POLICY_CT, settings.policy_ct_entries),
             // A ring buffer's max_entries is its size in bytes.
             (names::MAP_FLOWS, settings.flow_ring_bytes),
+            // [mesh] capture records and local meshed pods.
+            (
+                names::MAP_MESH_ORIG,
+                skep_ebpf_common::DEFAULT_MESH_ORIG_ENTRIES,
+            ),
+            (
+                names::MAP_MESH_PODS,
+                skep_ebpf_common::DEFAULT_MESH_POD_ENTRIES,
+            ),
         ];
         let mut adopted = false;
         for (name, wanted) in sizes {
@@ -289,6 +298,8 @@ impl KernelDatapath {
         // The XDP early drop of denied traffic shares these maps; it is
         // attached to external interfaces from its pin (`policy::xdp`).
         crate::policy::xdp::load_and_pin(&mut ebpf, root)?;
+        // [mesh] outbound capture, attached to meshed pods' cgroups from its pin.
+        crate::mesh::load_and_pin(&mut ebpf, root)?;
         for prog in SOCK_PROGRAMS {
             let p = sock_program(&mut ebpf, prog)?;
             p.load().map_err(|e| DataplaneError::ProgramLoad {

@@ -87,7 +87,52 @@ pub mod names {
     /// XDP on a node's external interface: early drop of traffic a local
     /// pod's ingress policy denies.
     pub const PROG_XDP_POLICY: &str = "xdp_policy";
+
+    /// cgroup/connect4 on a meshed pod's cgroup v2 directory: the app's TCP
+    /// connects go to the sidecar's outbound port ([mesh] capture).
+    pub const PROG_MESH_CONNECT4: &str = "mesh_connect4";
+    /// LRU hash: app socket cookie (u64) -> [`super::MeshOrigDst`].
+    pub const MAP_MESH_ORIG: &str = "SKEP_MESH_ORIG";
+    /// Hash: local meshed pod address (u32, network order) ->
+    /// [`super::MeshPod`].
+    pub const MAP_MESH_PODS: &str = "SKEP_MESH_PODS";
+    /// The mesh maps, pinned beside the LB maps.
+    pub const MESH_MAPS: [&str; 2] = [MAP_MESH_ORIG, MAP_MESH_PODS];
 }
+
+/// Where a captured connect() was going (value of
+/// [`names::MAP_MESH_ORIG`]): after service translation, so a pod address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshOrigDst {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A meshed pod (value of [`names::MAP_MESH_PODS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshPod {
+    /// `MESH_POD_F_*`.
+    pub flags: u32,
+}
+
+/// The pod runs a sidecar (accepts mTLS on [`MESH_INBOUND_PORT`]).
+pub const MESH_POD_F_MESHED: u32 = 1;
+/// Strict mode: new TCP connections from other hosts/pods are only
+/// admitted to [`MESH_INBOUND_PORT`] (to_pod drops the rest).
+pub const MESH_POD_F_STRICT: u32 = 2;
+/// The sidecar's ports (host order).
+pub const MESH_OUTBOUND_PORT: u16 = 15001;
+pub const MESH_INBOUND_PORT: u16 = 15006;
+pub const MESH_ADMIN_PORT: u16 = 15020;
+/// SO_MARK of every socket the sidecar opens: exempt from capture.
+pub const MESH_SIDECAR_MARK: u32 = 0x5ce9;
+pub const DEFAULT_MESH_ORIG_ENTRIES: u32 = 65536;
+pub const DEFAULT_MESH_POD_ENTRIES: u32 = 4096;
 
 /// Maximum number of interfaces the packet counter tracks.
 pub const IFACE_STATS_MAX_ENTRIES: u32 = 4096;
@@ -559,6 +604,8 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyValue {}
     unsafe impl aya::Pod for super::PolicyCtValue {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::MeshOrigDst {}
+    unsafe impl aya::Pod for super::MeshPod {}
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod flow;
 mod from_pod;
 mod lb;
 mod maps;
+mod mesh_connect4;
 mod nat;
 mod packet;
 mod policy;

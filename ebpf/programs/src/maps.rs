@@ -96,3 +96,17 @@ pub fn count(counter: LbCounter) {
         unsafe { *slot += 1 };
     }
 }
+
+/// [mesh] capture: the app socket's cookie → where its connect() was going
+/// (`mesh_connect4` writes, the sidecar reads after finding the app
+/// socket's cookie through sock_diag). LRU: entries of sockets the sidecar
+/// never asked about age out instead of filling the map.
+#[map(name = "SKEP_MESH_ORIG")]
+pub static MESH_ORIG: LruHashMap<u64, skep_ebpf_common::MeshOrigDst> =
+    LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// [mesh] local meshed pods (address → flags): the sidecar's "is the
+/// destination meshed" and to_pod's strict-mode refusal.
+#[map(name = "SKEP_MESH_PODS")]
+pub static MESH_PODS: HashMap<u32, skep_ebpf_common::MeshPod> =
+    HashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);

@@ -32,6 +32,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // [mesh] strict mode: plaintext connections to a strict pod's app
+    // ports are refused (only the sidecar's mTLS port admits new ones).
+    if crate::mesh_connect4::strict_refuses(&ctx, &p) {
+        return TC_ACT_SHOT as i32;
+    }
     // Policy judges the packet as it arrives, before the reverse NAT:
     // replies of load-balanced connections then match the post-DNAT tuple
     // the from-pod hook recorded.

@@ -108,6 +108,8 @@ struct Worker {
     dirty: bool,
     terminal_done: bool,
     init_failed: bool,
+    /// [mesh] injection decision and capture state (crate::mesh).
+    mesh: crate::mesh::PodMesh,
 }
 
 pub(crate) async fn run(ctx: Arc<Ctx>, uid: String, mut rx: mpsc::UnboundedReceiver<Msg>) {
@@ -132,6 +134,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, uid: String, mut rx: mpsc::UnboundedRecei
         dirty: true,
         terminal_done: false,
         init_failed: false,
+        mesh: Default::default(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -276,13 +279,41 @@ impl Worker {
                     .unwrap_or_else(status::now),
             );
         }
+        // [mesh] decide once (namespace labels), then keep the sidecar in
+        // this worker's copy of the pod (the API's copy has none).
+        if !self.mesh.decided()
+            && let Err(e) = self.mesh.decide(&self.ctx.client, &self.pod).await
+        {
+            tracing::warn!(pod = %self.name(), error = %e, "mesh decision pending");
+            return;
+        }
+        if self.mesh.apply(&mut self.pod)
+            && !self
+                .slots
+                .iter()
+                .any(|s| s.name == crate::mesh::SIDECAR_NAME)
+        {
+            self.slots = slots_of(&self.pod);
+        }
         let t0 = Instant::now();
         let ready = self.prepare_sandbox().await;
+        // [mesh] capture attached before any container of a meshed pod runs.
+        let ready = ready
+            && match self.mesh.set_up(&self.uid, self.pod_ip()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(pod = %self.name(), error = %e, "mesh capture not attached");
+                    false
+                }
+            };
         let t1 = Instant::now();
         if ready {
             self.drain_probe_events();
             self.step_containers().await;
         }
+        // [mesh] the sidecar's identity into the pod's annotations.
+        let ip = self.pod_ip();
+        self.mesh.report(&self.ctx.client, &self.pod, ip).await;
         let t2 = Instant::now();
         self.publish_view();
         self.push_status().await;
@@ -1109,6 +1140,8 @@ impl Worker {
     }
 
     async fn release_sandbox(&mut self) {
+        // [mesh] capture and meshed-pod entry go with the sandbox.
+        self.mesh.tear_down();
         if self.host_network() {
             return;
         }

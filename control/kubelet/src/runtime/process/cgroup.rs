@@ -121,6 +121,19 @@ impl Cgroup {
                         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
                     dirs.push((controller.to_owned(), dir));
                 }
+                // [mesh] On hybrid hosts the processes also get a cgroup v2
+                // directory (no controllers there): cgroup BPF programs such
+                // as the mesh capture attach to `<unified>/<parent>/<pod-uid>`.
+                let unified = Path::new(CGROUP_ROOT).join("unified");
+                let is_v2 = nix::sys::statfs::statfs(&unified)
+                    .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+                    .unwrap_or(false);
+                if is_v2 {
+                    let dir = unified.join(&rel);
+                    fs::create_dir_all(&dir)
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    dirs.push(("unified".to_owned(), dir));
+                }
                 let cg = Self {
                     version: Version::V1,
                     dirs,
