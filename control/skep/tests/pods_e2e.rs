@@ -139,6 +139,29 @@ fn pods_run_and_reach_a_service_by_name() {
         c.kubectl_ok(&["get", "endpointslices", "-A", "-o", "yaml"]),
         c.nodes[0].log()
     );
+    // Short names through the search path, as workloads write them.
+    for short in ["web:80", "web.demo:80", "web.demo.svc:80"] {
+        let probe = c.kubectl(&[
+            "-n",
+            "demo",
+            "exec",
+            "client",
+            "--",
+            "/.skep/skep",
+            "tools",
+            "probe",
+            "http",
+            short,
+            "--timeout",
+            "5s",
+        ]);
+        assert!(
+            probe.status.success(),
+            "client → {short} (search path) failed: {}{}",
+            String::from_utf8_lossy(&probe.stdout),
+            String::from_utf8_lossy(&probe.stderr)
+        );
+    }
     // Namespaces of its own: PID 1, its hostname, the env expanded.
     let env = c.kubectl_ok(&[
         "-n",
