@@ -386,6 +386,9 @@ impl Api {
         if let Some(ns) = &ns {
             self.namespace_must_accept(ns).await?;
         }
+        if info.group.is_empty() && info.plural == "pods" {
+            crate::pod_admission::admit(self, &mut obj).await?;
+        }
         let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
 
         for _attempt in 0..8 {

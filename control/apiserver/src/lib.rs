@@ -24,6 +24,7 @@ pub mod openapi;
 pub mod openapi_schemas;
 pub mod openapi_v2;
 pub mod patch;
+pub mod pod_admission;
 pub mod pki;
 pub mod prometheus;
 pub mod protobuf;

@@ -343,6 +343,23 @@ async fn bootstrap(api: &Api) -> Result<(), ApiError> {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
         Err(e) => return Err(e),
     }
+    // The system priority classes.
+    let pc_info = api
+        .registry
+        .lookup("scheduling.k8s.io", "v1", "priorityclasses")
+        .ok_or_else(|| ApiError::internal("priorityclasses are not registered"))?;
+    for class in crate::pod_admission::system_class_objects() {
+        let route = ResourceRoute {
+            info: pc_info.clone(),
+            namespace: None,
+            name: None,
+            subresource: None,
+        };
+        match api.create(&route, class, &Query::new()).await {
+            Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
     // Default RBAC roles and bindings; existing ones (possibly edited by
     // the operator) are left alone.
     for (plural, obj) in rbac::bootstrap_objects() {

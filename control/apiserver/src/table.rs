@@ -182,6 +182,13 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             col("Age"),
         ],
         ("coordination.k8s.io", "leases") => vec![col("Name"), col("Holder"), col("Age")],
+        ("scheduling.k8s.io", "priorityclasses") => vec![
+            col("Name"),
+            col("Value"),
+            col("Global-Default"),
+            col("Age"),
+            col("PreemptionPolicy"),
+        ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             vec![col("Name"), col("Created At")]
         }
@@ -868,6 +875,21 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             ]
         }
         ("coordination.k8s.io", "leases") => vec![name, json!(s(o, "/spec/holderIdentity")), age],
+        ("scheduling.k8s.io", "priorityclasses") => vec![
+            name,
+            json!(o.get("value").and_then(Value::as_i64).unwrap_or(0)),
+            json!(
+                o.get("globalDefault")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            ),
+            age,
+            json!(if s(o, "/preemptionPolicy").is_empty() {
+                "PreemptLowerPriority".to_owned()
+            } else {
+                s(o, "/preemptionPolicy")
+            }),
+        ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             vec![
                 name,

@@ -267,6 +267,9 @@ pub fn spec(info: &ResourceInfo, obj: &Value, causes: &mut Vec<Cause>) {
     let spec = obj.get("spec").unwrap_or(&Value::Null);
     match (info.group.as_str(), info.plural.as_str()) {
         ("", "pods") => containers(spec, "spec", causes),
+        ("scheduling.k8s.io", "priorityclasses") => {
+            crate::pod_admission::validate_class(obj, causes)
+        }
         ("", "services") => {
             let ty = spec
                 .get("type")

@@ -147,6 +147,68 @@ pub(crate) fn int_or_percent(v: Option<&Value>, total: i64, round_up: bool, defa
 
 /// (maxSurge, maxUnavailable) resolved against the replica count; both
 /// zero would never progress, so unavailable becomes 1 then.
+/// An active ReplicaSet as proportional scaling sees it.
+#[derive(Debug, Clone, Copy)]
+struct SizedSet {
+    replicas: i64,
+    /// The Deployment size plus surge it was last sized for.
+    annotated_max: Option<i64>,
+    revision: i64,
+}
+
+/// New sizes for active ReplicaSets when the Deployment's allowed size
+/// (replicas + maxSurge) changes: each set moves by its share, rounded,
+/// never past the total change; what rounding leaves goes to the largest
+/// set (the newest among equals when growing, the oldest when
+/// shrinking).
+fn proportional_sizes(
+    sets: &[SizedSet],
+    replicas: i64,
+    allowed: i64,
+    status_replicas: i64,
+) -> Vec<i64> {
+    let total: i64 = sets.iter().map(|s| s.replicas).sum();
+    let to_add = allowed - total;
+    let mut order: Vec<usize> = (0..sets.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&sets[a], &sets[b]);
+        y.replicas.cmp(&x.replicas).then(if to_add >= 0 {
+            y.revision.cmp(&x.revision)
+        } else {
+            x.revision.cmp(&y.revision)
+        })
+    });
+    let mut sizes: Vec<i64> = sets.iter().map(|s| s.replicas).collect();
+    if to_add == 0 {
+        return sizes;
+    }
+    let mut added = 0;
+    for &i in &order {
+        let s = &sets[i];
+        if s.replicas == 0 || added == to_add {
+            continue;
+        }
+        let fraction = if replicas == 0 {
+            -s.replicas
+        } else {
+            let base = s.annotated_max.unwrap_or(status_replicas).max(1);
+            ((s.replicas * allowed) as f64 / base as f64).round() as i64 - s.replicas
+        };
+        let left = to_add - added;
+        let step = if to_add > 0 {
+            fraction.min(left)
+        } else {
+            fraction.max(left)
+        };
+        sizes[i] += step;
+        added += step;
+    }
+    if let Some(&first) = order.first() {
+        sizes[first] = (sizes[first] + to_add - added).max(0);
+    }
+    sizes
+}
+
 fn surge_and_unavailable(d: &Value, replicas: i64) -> (i64, i64) {
     let ru = d.pointer("/spec/strategy/rollingUpdate");
     let surge = int_or_percent(
@@ -310,10 +372,16 @@ impl DeploymentController {
     }
 
     async fn scale(&self, key: &str, rs: &Value, replicas: i64, d: &Value) -> Result<()> {
-        if spec_replicas(rs) == replicas {
+        let (surge, _) = surge_and_unavailable(d, spec_replicas(d));
+        // The annotations record the Deployment size the ReplicaSet was
+        // last sized for: proportional scaling reads them.
+        let annotated = meta::annotation(rs, DESIRED_REPLICAS)
+            == Some(spec_replicas(d).to_string().as_str())
+            && meta::annotation(rs, MAX_REPLICAS)
+                == Some((spec_replicas(d) + surge).to_string().as_str());
+        if spec_replicas(rs) == replicas && (annotated || replicas == 0) {
             return Ok(());
         }
-        let (surge, _) = surge_and_unavailable(d, spec_replicas(d));
         let patch = json!({
             "metadata": {"annotations": {
                 DESIRED_REPLICAS: spec_replicas(d).to_string(),
@@ -333,6 +401,9 @@ impl DeploymentController {
             .await?;
         self.written.note(key, meta::resource_version(&out));
         let from = spec_replicas(rs);
+        if from == replicas {
+            return Ok(());
+        }
         let (dir, tail) = if replicas > from {
             ("up", String::new())
         } else {
@@ -470,6 +541,54 @@ impl DeploymentController {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A scale change in the middle of a rollout (or while paused): the
+    /// difference is shared among the active ReplicaSets in proportion to
+    /// their sizes, as upstream does, instead of all going to the new
+    /// one. Returns whether this was such a scaling event.
+    async fn scale_proportionally(
+        &self,
+        key: &str,
+        d: &Value,
+        new: &Value,
+        old: &[Arc<Value>],
+    ) -> Result<bool> {
+        let replicas = spec_replicas(d);
+        let mut active: Vec<&Value> = old
+            .iter()
+            .filter(|r| spec_replicas(r) > 0)
+            .map(|r| r.as_ref())
+            .collect();
+        if spec_replicas(new) > 0 {
+            active.push(new);
+        }
+        if active.len() < 2 {
+            return Ok(false);
+        }
+        let resized = active.iter().any(|r| {
+            meta::annotation(r, DESIRED_REPLICAS)
+                .and_then(|v| v.parse::<i64>().ok())
+                .is_some_and(|v| v != replicas)
+        });
+        if !resized {
+            return Ok(false);
+        }
+        let (surge, _) = surge_and_unavailable(d, replicas);
+        let sets: Vec<SizedSet> = active
+            .iter()
+            .map(|r| SizedSet {
+                replicas: spec_replicas(r),
+                annotated_max: meta::annotation(r, MAX_REPLICAS).and_then(|v| v.parse().ok()),
+                revision: revision_of(r),
+            })
+            .collect();
+        let sizes =
+            proportional_sizes(&sets, replicas, replicas + surge, status_i64(d, "replicas"));
+        for (rs, size) in active.iter().zip(sizes) {
+            self.scale(key, rs, size, d).await?;
+        }
+        Ok(true)
     }
 
     /// RollingUpdate: scale the new ReplicaSet up within maxSurge, the old
@@ -814,7 +933,10 @@ impl Reconciler for DeploymentController {
         };
 
         if let Some(new) = &new {
-            if paused {
+            if !recreate && self.scale_proportionally(key, &d, new, &old).await? {
+                // The rollout goes on at the next pass, from the new
+                // sizes.
+            } else if paused {
                 // Paused: only follow scale changes, no rollout.
                 if old.iter().all(|r| spec_replicas(r) == 0) {
                     self.scale(key, new, spec_replicas(&d), &d).await?;
@@ -878,6 +1000,33 @@ mod tests {
         a3["spec"]["volumes"] = json!([]);
         assert!(same_template(&a, &a3));
         assert_eq!(template_hash(&a, 0), template_hash(&a3, 0));
+    }
+
+    #[test]
+    fn scaling_mid_rollout_is_proportional() {
+        // 10 replicas, surge 3: old set 8, new set 5 (13 = 10 + 3), then
+        // scaled to 20 (allowed 23): +10 shared 8:5 → old 14, new 9.
+        let sets = [
+            SizedSet {
+                replicas: 8,
+                annotated_max: Some(13),
+                revision: 1,
+            },
+            SizedSet {
+                replicas: 5,
+                annotated_max: Some(13),
+                revision: 2,
+            },
+        ];
+        let sizes = proportional_sizes(&sets, 20, 23, 13);
+        assert_eq!(sizes.iter().sum::<i64>(), 23);
+        assert_eq!(sizes, vec![14, 9]);
+        // Down to 5 (allowed 7 with surge 2): -6 shared.
+        let down = proportional_sizes(&sets, 5, 7, 13);
+        assert_eq!(down.iter().sum::<i64>(), 7);
+        assert!(down[0] >= down[1], "{down:?}");
+        // Scaled to 0: everything goes.
+        assert_eq!(proportional_sizes(&sets, 0, 0, 13), vec![0, 0]);
     }
 
     #[test]

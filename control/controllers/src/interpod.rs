@@ -50,49 +50,162 @@ struct Term {
     anti: bool,
 }
 
+fn parse_term(t: &Value, own_ns: &str, anti: bool) -> Option<Term> {
+    let selector = t
+        .get("labelSelector")
+        .and_then(|s| LabelSelector::from_json(s).ok())?;
+    let mut namespaces: HashSet<String> = t
+        .get("namespaces")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if namespaces.is_empty() {
+        namespaces.insert(own_ns.to_owned());
+    }
+    Some(Term {
+        selector,
+        namespaces,
+        topology_key: t
+            .get("topologyKey")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
+        anti,
+    })
+}
+
 fn terms(pod: &Value) -> Vec<Term> {
-    let own_ns = meta::namespace(pod).unwrap_or("default").to_owned();
+    let own_ns = meta::namespace(pod).unwrap_or("default");
     let mut out = Vec::new();
     for (kind, anti) in [("podAffinity", false), ("podAntiAffinity", true)] {
         let list = pod
             .pointer(&format!(
                 "/spec/affinity/{kind}/requiredDuringSchedulingIgnoredDuringExecution"
             ))
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for t in list {
-            let Some(selector) = t
-                .get("labelSelector")
-                .and_then(|s| LabelSelector::from_json(s).ok())
-            else {
+            .and_then(Value::as_array);
+        out.extend(
+            list.into_iter()
+                .flatten()
+                .filter_map(|t| parse_term(t, own_ns, anti)),
+        );
+    }
+    out
+}
+
+/// The preferred terms: (weight, term); anti-affinity terms count
+/// against a node.
+fn preferred_terms(pod: &Value) -> Vec<(i64, Term)> {
+    let own_ns = meta::namespace(pod).unwrap_or("default");
+    let mut out = Vec::new();
+    for (kind, anti) in [("podAffinity", false), ("podAntiAffinity", true)] {
+        let list = pod
+            .pointer(&format!(
+                "/spec/affinity/{kind}/preferredDuringSchedulingIgnoredDuringExecution"
+            ))
+            .and_then(Value::as_array);
+        for w in list.into_iter().flatten() {
+            let Some(weight) = w.get("weight").and_then(Value::as_i64) else {
                 continue;
             };
-            let mut namespaces: HashSet<String> = t
-                .get("namespaces")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|n| n.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if namespaces.is_empty() {
-                namespaces.insert(own_ns.clone());
+            if let Some(t) = w
+                .get("podAffinityTerm")
+                .and_then(|t| parse_term(t, own_ns, anti))
+            {
+                out.push((if anti { -weight } else { weight }, t));
             }
-            out.push(Term {
-                selector,
-                namespaces,
-                topology_key: t
-                    .get("topologyKey")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
-                anti,
-            });
         }
     }
     out
+}
+
+/// Whether the pod has any pod affinity or anti-affinity, required or
+/// preferred (placed pods with one weigh on other pods' scores).
+pub fn has_any_affinity(pod: &Value) -> bool {
+    pod.pointer("/spec/affinity/podAffinity").is_some()
+        || pod.pointer("/spec/affinity/podAntiAffinity").is_some()
+}
+
+/// Upstream's weight of a placed pod's required affinity when scoring the
+/// pods it selects (hardPodAffinityWeight).
+const HARD_AFFINITY_WEIGHT: i64 = 1;
+
+/// InterPodAffinity scoring: per topology domain, the weights of the
+/// pod's preferred terms times the matching pods there, plus the terms of
+/// placed pods that select this pod (symmetry).
+#[derive(Debug, Default)]
+pub struct Preferences {
+    /// topologyKey → value → summed weight.
+    domains: HashMap<String, HashMap<String, i64>>,
+}
+
+impl Preferences {
+    /// `affine`: the placed pods that have pod affinity of their own, by
+    /// node.
+    pub fn new(
+        pod: &Value,
+        placed: &HashMap<String, Vec<Arc<Value>>>,
+        affine: &[(String, Arc<Value>)],
+        node_labels: &HashMap<String, std::collections::BTreeMap<String, String>>,
+    ) -> Self {
+        let mut out = Self::default();
+        let mut add = |node: &str, key: &str, w: i64| {
+            if let Some(v) = node_labels.get(node).and_then(|l| l.get(key)) {
+                *out.domains
+                    .entry(key.to_owned())
+                    .or_default()
+                    .entry(v.clone())
+                    .or_default() += w;
+            }
+        };
+        for (w, t) in preferred_terms(pod) {
+            for (node, ps) in placed {
+                let n = ps
+                    .iter()
+                    .filter(|p| {
+                        meta::namespace(p).is_some_and(|ns| t.namespaces.contains(ns))
+                            && t.selector.matches(&meta::labels(p))
+                    })
+                    .count() as i64;
+                if n > 0 {
+                    add(node, &t.topology_key, w * n);
+                }
+            }
+        }
+        let own_labels = meta::labels(pod);
+        let own_ns = meta::namespace(pod).unwrap_or("default");
+        for (node, other) in affine {
+            let mut weighted = preferred_terms(other);
+            weighted.extend(
+                terms(other)
+                    .into_iter()
+                    .filter(|t| !t.anti)
+                    .map(|t| (HARD_AFFINITY_WEIGHT, t)),
+            );
+            for (w, t) in weighted {
+                if t.namespaces.contains(own_ns) && t.selector.matches(&own_labels) {
+                    add(node, &t.topology_key, w);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.domains.is_empty()
+    }
+
+    /// The raw score of a node with these labels (normalized by the
+    /// scheduler over the feasible nodes).
+    pub fn score(&self, labels: &std::collections::BTreeMap<String, String>) -> i64 {
+        self.domains
+            .iter()
+            .filter_map(|(k, values)| labels.get(k).and_then(|v| values.get(v)))
+            .sum()
+    }
 }
 
 pub fn has_anti_affinity(pod: &Value) -> bool {

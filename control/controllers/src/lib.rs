@@ -28,6 +28,8 @@ pub mod manager;
 pub mod meta;
 pub mod nodelifecycle;
 pub mod own_writes;
+pub mod podgc;
+pub mod preemption;
 pub mod pv_binder;
 pub mod quantity;
 pub mod queue;

@@ -32,6 +32,8 @@ pub struct ManagerOptions {
     /// Resource usage for the HPA controller (the API server's
     /// metrics.k8s.io source); without it HPAs report ScalingActive=False.
     pub metrics: Option<Arc<skep_apiserver::metrics_api::MetricsSource>>,
+    /// Pod garbage collection (terminated-pod threshold, orphans).
+    pub pod_gc: crate::podgc::PodGcOptions,
 }
 
 impl Default for ManagerOptions {
@@ -43,6 +45,7 @@ impl Default for ManagerOptions {
             identity: format!("{host}_{}", uuid::Uuid::new_v4()),
             node_monitor_grace: Duration::from_secs(40),
             metrics: None,
+            pod_gc: crate::podgc::PodGcOptions::default(),
         }
     }
 }
@@ -123,6 +126,11 @@ fn start_all(
         client, &informers,
     )?);
     tasks.extend(EndpointsController::start(client, &informers)?);
+    tasks.extend(crate::podgc::PodGc::start(
+        client,
+        &informers,
+        options.pod_gc,
+    )?);
     tasks.extend(NodeLifecycle::start(
         client,
         &informers,

@@ -26,7 +26,7 @@ use crate::{
     error::Result,
     events::EventType,
     informer::{Change, Informer, Informers},
-    meta, quantity,
+    meta, preemption, quantity,
     queue::Queue,
     runner::{Reconciler, Requeue},
     topology_spread,
@@ -46,6 +46,24 @@ pub struct Resources {
     pub milli_cpu: i64,
     pub memory: i64,
     pub pods: i64,
+}
+
+impl Resources {
+    pub fn plus(self, o: Resources) -> Resources {
+        Resources {
+            milli_cpu: self.milli_cpu + o.milli_cpu,
+            memory: self.memory + o.memory,
+            pods: self.pods + o.pods,
+        }
+    }
+
+    pub fn minus(self, o: Resources) -> Resources {
+        Resources {
+            milli_cpu: self.milli_cpu - o.milli_cpu,
+            memory: self.memory - o.memory,
+            pods: self.pods - o.pods,
+        }
+    }
 }
 
 /// A pod's requests: the sum over containers, or the largest init
@@ -111,24 +129,65 @@ fn allocatable(node: &Value) -> Resources {
     }
 }
 
-pub(crate) fn tolerates(pod: &Value, taint: &Value) -> bool {
-    let key = taint.get("key").and_then(Value::as_str).unwrap_or("");
-    let value = taint.get("value").and_then(Value::as_str).unwrap_or("");
-    let effect = taint.get("effect").and_then(Value::as_str).unwrap_or("");
+/// A node taint, as the filters compare it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Taint {
+    key: String,
+    value: String,
+    effect: String,
+}
+
+impl Taint {
+    fn parse(t: &Value) -> Self {
+        let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        Self {
+            key: s("key"),
+            value: s("value"),
+            effect: s("effect"),
+        }
+    }
+}
+
+/// A pod toleration, parsed once per decision.
+#[derive(Debug, Clone)]
+pub(crate) struct Toleration {
+    key: String,
+    exists: bool,
+    value: String,
+    effect: String,
+}
+
+impl Toleration {
+    fn parse(t: &Value) -> Self {
+        let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        Self {
+            key: s("key"),
+            exists: t.get("operator").and_then(Value::as_str) == Some("Exists"),
+            value: s("value"),
+            effect: s("effect"),
+        }
+    }
+
+    fn tolerates(&self, taint: &Taint) -> bool {
+        let key_ok = (self.key.is_empty() && self.exists) || self.key == taint.key;
+        let value_ok = self.exists || self.value == taint.value;
+        let effect_ok = self.effect.is_empty() || self.effect == taint.effect;
+        key_ok && value_ok && effect_ok
+    }
+}
+
+fn tolerations(pod: &Value) -> Vec<Toleration> {
     pod.pointer("/spec/tolerations")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .any(|t| {
-            let tk = t.get("key").and_then(Value::as_str).unwrap_or("");
-            let op = t.get("operator").and_then(Value::as_str).unwrap_or("Equal");
-            let tv = t.get("value").and_then(Value::as_str).unwrap_or("");
-            let te = t.get("effect").and_then(Value::as_str).unwrap_or("");
-            let key_ok = tk.is_empty() && op == "Exists" || tk == key;
-            let value_ok = op == "Exists" || tv == value;
-            let effect_ok = te.is_empty() || te == effect;
-            key_ok && value_ok && effect_ok
-        })
+        .map(Toleration::parse)
+        .collect()
+}
+
+pub(crate) fn tolerates(pod: &Value, taint: &Value) -> bool {
+    let taint = Taint::parse(taint);
+    tolerations(pod).iter().any(|t| t.tolerates(&taint))
 }
 
 /// One `nodeSelectorTerm`: every expression must hold.
@@ -198,6 +257,91 @@ pub(crate) fn affinity_matches(pod: &Value, node: &Value) -> bool {
     selector_ok && affinity_ok
 }
 
+/// What the filters and scores need of the pod being scheduled, read once
+/// per decision rather than once per node.
+struct PodFacts<'a> {
+    req: Resources,
+    tolerations: Vec<Toleration>,
+    node_selector: Vec<(&'a str, &'a str)>,
+    required_terms: Option<&'a Vec<Value>>,
+    /// preferredDuringScheduling node affinity: (weight, term).
+    preferred_terms: Vec<(i64, &'a Value)>,
+    priority: i64,
+}
+
+impl<'a> PodFacts<'a> {
+    fn new(pod: &'a Value) -> Self {
+        let node_selector = pod
+            .pointer("/spec/nodeSelector")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), v.as_str().unwrap_or("")))
+            .collect();
+        let preferred_terms = pod
+            .pointer("/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let weight = p.get("weight").and_then(Value::as_i64)?;
+                Some((weight, p.get("preference")?))
+            })
+            .collect();
+        Self {
+            req: pod_requests(pod),
+            tolerations: tolerations(pod),
+            node_selector,
+            required_terms: pod
+                .pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")
+                .and_then(Value::as_array),
+            preferred_terms,
+            priority: priority(pod),
+        }
+    }
+
+    fn tolerates(&self, taint: &Taint) -> bool {
+        self.tolerations.iter().any(|t| t.tolerates(taint))
+    }
+
+    /// nodeSelector and required node affinity.
+    fn matches_node(&self, node: &NodeInfo) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| node.labels.get(*k).map(String::as_str) == Some(*v))
+            && self.required_terms.is_none_or(|terms| {
+                terms
+                    .iter()
+                    .any(|t| term_matches(t, &node.labels, &node.name))
+            })
+    }
+
+    /// Sum of the weights of the preferred node-affinity terms the node
+    /// matches.
+    fn preferred_weight(&self, node: &NodeInfo) -> i64 {
+        self.preferred_terms
+            .iter()
+            .filter(|(_, t)| term_matches(t, &node.labels, &node.name))
+            .map(|(w, _)| *w)
+            .sum()
+    }
+
+    /// PreferNoSchedule taints the pod does not tolerate.
+    fn intolerable_preferences(&self, node: &NodeInfo) -> i64 {
+        node.taints
+            .iter()
+            .filter(|t| t.effect == "PreferNoSchedule" && !self.tolerates(t))
+            .count() as i64
+    }
+}
+
+/// A pod's priority (set by admission from its PriorityClass).
+pub(crate) fn priority(pod: &Value) -> i64 {
+    pod.pointer("/spec/priority")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
 /// Why a node was rejected, worded as upstream's messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Reject {
@@ -240,42 +384,33 @@ impl Reject {
     }
 }
 
-fn filter(
-    pod: &Value,
-    req: Resources,
-    node: &Value,
-    alloc: Resources,
-    used: Resources,
-) -> Vec<Reject> {
-    if !meta::condition_true(node, "Ready") {
+fn filter(pod: &PodFacts, node: &NodeInfo, used: Resources) -> Vec<Reject> {
+    if !node.ready {
         return vec![Reject::NotReady];
     }
-    let unschedulable = node.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true);
-    if unschedulable
-        && !tolerates(
-            pod,
-            &json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}),
-        )
-    {
+    let cordon = Taint {
+        key: "node.kubernetes.io/unschedulable".into(),
+        value: String::new(),
+        effect: "NoSchedule".into(),
+    };
+    if node.unschedulable && !pod.tolerates(&cordon) {
         return vec![Reject::Unschedulable];
     }
     let untolerated = node
-        .pointer("/spec/taints")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .any(|t| {
-            matches!(
-                t.get("effect").and_then(Value::as_str),
-                Some("NoSchedule" | "NoExecute")
-            ) && !tolerates(pod, t)
-        });
+        .taints
+        .iter()
+        .any(|t| matches!(t.effect.as_str(), "NoSchedule" | "NoExecute") && !pod.tolerates(t));
     if untolerated {
         return vec![Reject::Taint];
     }
-    if !affinity_matches(pod, node) {
+    if !pod.matches_node(node) {
         return vec![Reject::Affinity];
     }
+    resource_misfits(pod.req, node.alloc, used)
+}
+
+/// NodeResourcesFit: what the node lacks for the pod.
+fn resource_misfits(req: Resources, alloc: Resources, used: Resources) -> Vec<Reject> {
     let mut out = Vec::new();
     if req.milli_cpu > 0 && used.milli_cpu + req.milli_cpu > alloc.milli_cpu {
         out.push(Reject::Cpu);
@@ -308,6 +443,39 @@ fn score(req: Resources, alloc: Resources, used: Resources) -> i64 {
     least + balanced
 }
 
+/// NodeResourcesFit as a yes/no.
+fn fits(req: Resources, alloc: Resources, used: Resources) -> bool {
+    resource_misfits(req, alloc, used).is_empty()
+}
+
+/// The best feasible node. Raw scores are normalized to 0–100 over the
+/// feasible nodes where upstream normalizes them, then weighted as its
+/// default profile: resources 1 (least allocated + balanced), topology
+/// spread 2, node affinity 2, taint toleration 3, inter-pod affinity 2.
+fn pick_best<'a>(feasible: &[(&'a Arc<NodeInfo>, [i64; 5])]) -> Option<&'a Arc<NodeInfo>> {
+    let max = |i: usize| feasible.iter().map(|(_, s)| s[i]).max().unwrap_or(0);
+    let min = |i: usize| feasible.iter().map(|(_, s)| s[i]).min().unwrap_or(0);
+    let (aff_max, taint_max) = (max(2), max(3));
+    let (pa_min, pa_max) = (min(4), max(4));
+    feasible
+        .iter()
+        .max_by_key(|(_, s)| {
+            let affinity = if aff_max > 0 { s[2] * 100 / aff_max } else { 0 };
+            let taints = if taint_max > 0 {
+                100 - s[3] * 100 / taint_max
+            } else {
+                100
+            };
+            let pod_affinity = if pa_max > pa_min {
+                (s[4] - pa_min) * 100 / (pa_max - pa_min)
+            } else {
+                0
+            };
+            s[0] + 2 * s[1] + 2 * affinity + 3 * taints + 2 * pod_affinity
+        })
+        .map(|(n, _)| *n)
+}
+
 /// A chosen node, or the rejection counts and the number of nodes.
 type Decision = std::result::Result<String, (BTreeMap<Reject, usize>, usize)>;
 
@@ -315,20 +483,60 @@ type Decision = std::result::Result<String, (BTreeMap<Reject, usize>, usize)>;
 #[derive(Debug)]
 struct NodeInfo {
     obj: Arc<Value>,
+    name: String,
+    labels: BTreeMap<String, String>,
+    ready: bool,
+    unschedulable: bool,
+    taints: Vec<Taint>,
     alloc: Resources,
+}
+
+impl NodeInfo {
+    fn new(obj: Arc<Value>) -> Self {
+        Self {
+            name: meta::name(&obj).to_owned(),
+            labels: meta::labels(&obj),
+            ready: meta::condition_true(&obj, "Ready"),
+            unschedulable: obj.pointer("/spec/unschedulable").and_then(Value::as_bool)
+                == Some(true),
+            taints: obj
+                .pointer("/spec/taints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(Taint::parse)
+                .collect(),
+            alloc: allocatable(&obj),
+            obj,
+        }
+    }
+}
+
+/// A pod that preempted others and waits for them to go: the node is
+/// held for it against pods of lower or equal priority.
+#[derive(Debug, Clone)]
+struct Nomination {
+    node: String,
+    req: Resources,
+    priority: i64,
+    victims: Vec<String>,
 }
 
 /// Where pods are (bound in the cache, or assumed: bound by us and not
 /// yet seen bound), and the resulting per-node usage, kept incrementally.
 #[derive(Debug, Default)]
 struct Accounting {
-    placed: HashMap<String, (String, Resources)>,
+    /// pod key → (node, requests, priority).
+    placed: HashMap<String, (String, Resources, i64)>,
     assumed: HashSet<String>,
     per_node: HashMap<String, Resources>,
     nodes: BTreeMap<String, Arc<NodeInfo>>,
     /// Pods with required anti-affinity: every decision must respect
     /// them (symmetry), not only theirs.
     anti: HashSet<String>,
+    /// Pods with any pod affinity: their terms weigh on the scores of
+    /// the pods they select.
+    affine: HashSet<String>,
     /// Where the next search starts, so nodes share the load of searches
     /// that stop early.
     next_start: usize,
@@ -336,24 +544,36 @@ struct Accounting {
     /// whose annotation the claim cache may not show yet (claim key →
     /// node): every pod sharing the claim must go there.
     claims: HashMap<String, String>,
+    /// Preemptors waiting for their victims to go (pod key →
+    /// nomination).
+    nominated: HashMap<String, Nomination>,
 }
 
 impl Accounting {
-    fn place(&mut self, key: &str, at: Option<(String, Resources)>) {
-        if let Some((node, r)) = self.placed.remove(key)
+    fn place(&mut self, key: &str, at: Option<(String, Resources, i64)>) {
+        if let Some((node, r, _)) = self.placed.remove(key)
             && let Some(u) = self.per_node.get_mut(&node)
         {
-            u.milli_cpu -= r.milli_cpu;
-            u.memory -= r.memory;
-            u.pods -= r.pods;
+            *u = u.minus(r);
         }
-        if let Some((node, r)) = at {
+        if let Some((node, r, prio)) = at {
             let u = self.per_node.entry(node.clone()).or_default();
-            u.milli_cpu += r.milli_cpu;
-            u.memory += r.memory;
-            u.pods += r.pods;
-            self.placed.insert(key.to_owned(), (node, r));
+            *u = u.plus(r);
+            self.placed.insert(key.to_owned(), (node, r, prio));
         }
+    }
+
+    /// Resources held on each node for nominated pods at least as
+    /// important as `priority` (other than `key` itself).
+    fn reserved(&self, key: &str, priority: i64) -> HashMap<String, Resources> {
+        let mut out: HashMap<String, Resources> = HashMap::new();
+        for (k, n) in &self.nominated {
+            if k != key && n.priority >= priority {
+                let r = out.entry(n.node.clone()).or_default();
+                *r = r.plus(n.req);
+            }
+        }
+        out
     }
 }
 
@@ -407,7 +627,7 @@ impl Scheduler {
             let key = meta::key(p);
             let placement = ch.new.as_ref().and_then(|n| {
                 (!meta::node_name(n).is_empty() && !meta::pod_terminal(n))
-                    .then(|| (meta::node_name(n).to_owned(), pod_requests(n)))
+                    .then(|| (meta::node_name(n).to_owned(), pod_requests(n), priority(n)))
             });
             let mut freed = false;
             if let Ok(mut a) = s.acct.lock() {
@@ -417,6 +637,7 @@ impl Scheduler {
                     .is_some_and(|n| !meta::node_name(n).is_empty());
                 if ch.new.is_none() || bound {
                     a.assumed.remove(&key);
+                    a.nominated.remove(&key);
                 }
                 // An assumed pod keeps its place until the cache shows it
                 // bound (or gone).
@@ -430,6 +651,14 @@ impl Scheduler {
                     }
                     _ => {
                         a.anti.remove(&key);
+                    }
+                }
+                match &ch.new {
+                    Some(n) if crate::interpod::has_any_affinity(n) => {
+                        a.affine.insert(key.clone());
+                    }
+                    _ => {
+                        a.affine.remove(&key);
                     }
                 }
             }
@@ -448,11 +677,8 @@ impl Scheduler {
             if let Ok(mut a) = s.acct.lock() {
                 match &ch.new {
                     Some(n) => {
-                        let info = NodeInfo {
-                            obj: n.clone(),
-                            alloc: allocatable(n),
-                        };
-                        a.nodes.insert(meta::name(n).to_owned(), Arc::new(info));
+                        let info = NodeInfo::new(n.clone());
+                        a.nodes.insert(info.name.clone(), Arc::new(info));
                     }
                     None => {
                         if let Some(o) = &ch.old {
@@ -510,18 +736,27 @@ impl Scheduler {
         ))
     }
 
+    /// Queues every pending pod, the most important first (the queue is
+    /// FIFO; upstream's active queue is ordered by priority likewise).
     fn requeue_pending(&self) {
-        for p in self.pods.list() {
-            if wants_scheduling(&p) {
-                self.queue.add(meta::key(&p));
-            }
+        let mut pending: Vec<(i64, String)> = self
+            .pods
+            .list()
+            .iter()
+            .filter(|p| wants_scheduling(p))
+            .map(|p| (priority(p), meta::key(p)))
+            .collect();
+        pending.sort_by_key(|p| std::cmp::Reverse(p.0));
+        for (_, key) in pending {
+            self.queue.add(key);
         }
     }
 
     /// Picks a node and assumes the pod there; `Err` has the rejection
     /// counts and the number of nodes considered.
     fn decide(&self, key: &str, pod: &Value, plans: &[ClaimPlan]) -> Option<Decision> {
-        let req = pod_requests(pod);
+        let facts = PodFacts::new(pod);
+        let req = facts.req;
         let mut a = self.acct.lock().ok()?;
         if a.assumed.contains(key) {
             return None;
@@ -530,15 +765,21 @@ impl Scheduler {
         let total = nodes.len();
         let want = nodes_to_find(total);
         let start = if total == 0 { 0 } else { a.next_start % total };
-        let mut feasible: Vec<(i64, &Arc<NodeInfo>)> = Vec::new();
+        let reserved = if a.nominated.is_empty() {
+            HashMap::new()
+        } else {
+            a.reserved(key, facts.priority)
+        };
         let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
         let mut looked = 0;
         let interpod = crate::interpod::needed(pod) || !a.anti.is_empty();
         let spreads = topology_spread::needed(pod);
-        // Pods by node, for the filters that look at neighbours.
-        let placed: HashMap<String, Vec<Arc<Value>>> = if interpod || spreads {
+        let prefers = crate::interpod::has_any_affinity(pod) || !a.affine.is_empty();
+        // Pods by node, for the filters and scores that look at
+        // neighbours.
+        let placed: HashMap<String, Vec<Arc<Value>>> = if interpod || spreads || prefers {
             let mut placed: HashMap<String, Vec<Arc<Value>>> = HashMap::new();
-            for (k, (node, _)) in &a.placed {
+            for (k, (node, _, _)) in &a.placed {
                 if let Some(p) = self.pods.get(k) {
                     placed.entry(node.clone()).or_default().push(p);
                 }
@@ -547,37 +788,48 @@ impl Scheduler {
         } else {
             HashMap::new()
         };
-        let neighbours = interpod.then(|| {
-            let labels = nodes
+        let node_labels = || -> HashMap<String, BTreeMap<String, String>> {
+            nodes
                 .iter()
-                .map(|n| (meta::name(&n.obj).to_owned(), meta::labels(&n.obj)))
-                .collect();
-            crate::interpod::Neighbours::new(pod, &placed, &labels)
-        });
+                .map(|n| (n.name.clone(), n.labels.clone()))
+                .collect()
+        };
+        let neighbours =
+            interpod.then(|| crate::interpod::Neighbours::new(pod, &placed, &node_labels()));
+        let preferences = prefers
+            .then(|| {
+                let affine: Vec<(String, Arc<Value>)> = a
+                    .affine
+                    .iter()
+                    .filter(|k| k.as_str() != key)
+                    .filter_map(|k| {
+                        let (node, _, _) = a.placed.get(k)?;
+                        Some((node.clone(), self.pods.get(k)?))
+                    })
+                    .collect();
+                crate::interpod::Preferences::new(pod, &placed, &affine, &node_labels())
+            })
+            .filter(|p| !p.is_empty());
         let spread = spreads.then(|| {
             let eligible: Vec<_> = nodes
                 .iter()
-                .map(|n| {
-                    (
-                        meta::name(&n.obj).to_owned(),
-                        meta::labels(&n.obj),
-                        affinity_matches(pod, &n.obj),
-                    )
-                })
+                .map(|n| (n.name.clone(), n.labels.clone(), facts.matches_node(n)))
                 .collect();
             topology_spread::Spread::new(pod, &eligible, &placed)
         });
+        // Feasible nodes with their raw scores: (resources, spread,
+        // preferred node affinity, PreferNoSchedule taints, pod affinity).
+        let mut feasible: Vec<(&Arc<NodeInfo>, [i64; 5])> = Vec::new();
         for n in nodes.iter().cycle().skip(start).take(total) {
             looked += 1;
-            let used = a
-                .per_node
-                .get(meta::name(&n.obj))
-                .copied()
-                .unwrap_or_default();
-            let mut why = filter(pod, req, &n.obj, n.alloc, used);
+            let mut used = a.per_node.get(&n.name).copied().unwrap_or_default();
+            if let Some(r) = reserved.get(&n.name) {
+                used = used.plus(*r);
+            }
+            let mut why = filter(&facts, n, used);
             if why.is_empty()
                 && let Some(nb) = &neighbours
-                && let Some(m) = nb.check(meta::name(&n.obj), &meta::labels(&n.obj))
+                && let Some(m) = nb.check(&n.name, &n.labels)
             {
                 why.push(match m {
                     crate::interpod::Misfit::HostPorts => Reject::HostPorts,
@@ -587,7 +839,7 @@ impl Scheduler {
             }
             if why.is_empty()
                 && let Some(sp) = &spread
-                && let Some(m) = sp.check(&meta::labels(&n.obj))
+                && let Some(m) = sp.check(&n.labels)
             {
                 why.push(match m {
                     topology_spread::Misfit::MissingLabel => Reject::SpreadLabel,
@@ -603,12 +855,16 @@ impl Scheduler {
                 });
             }
             if why.is_empty() {
-                // PodTopologySpread weighs 2 against the resource scores,
-                // as in upstream's default profile.
-                let spread_score = spread
-                    .as_ref()
-                    .map_or(0, |sp| 2 * sp.score(&meta::labels(&n.obj)));
-                feasible.push((score(req, n.alloc, used) + spread_score, n));
+                feasible.push((
+                    n,
+                    [
+                        score(req, n.alloc, used),
+                        spread.as_ref().map_or(0, |sp| sp.score(&n.labels)),
+                        facts.preferred_weight(n),
+                        facts.intolerable_preferences(n),
+                        preferences.as_ref().map_or(0, |p| p.score(&n.labels)),
+                    ],
+                ));
                 if feasible.len() >= want {
                     break;
                 }
@@ -619,16 +875,146 @@ impl Scheduler {
             }
         }
         a.next_start = start + looked;
-        let Some((_, best)) = feasible.iter().max_by_key(|(s, _)| *s) else {
+        let Some(best) = pick_best(&feasible) else {
             return Some(Err((rejects, total)));
         };
-        let node = meta::name(&best.obj).to_owned();
+        let node = best.name.clone();
         a.assumed.insert(key.to_owned());
-        a.place(key, Some((node.clone(), req)));
+        a.place(key, Some((node.clone(), req, facts.priority)));
+        a.nominated.remove(key);
         for claim in volume_scheduling::claims_to_select(plans) {
             a.claims.insert(claim, node.clone());
         }
         Some(Ok(node))
+    }
+
+    /// When no node fits: the node and victims whose removal makes room
+    /// (see `preemption`), nominated for the pod; `None` when the pod may
+    /// not preempt, is still waiting for earlier victims, or no removal
+    /// of lower-priority pods helps.
+    fn preempt(&self, key: &str, pod: &Value) -> Option<(String, Vec<preemption::Placed>)> {
+        if pod
+            .pointer("/spec/preemptionPolicy")
+            .and_then(Value::as_str)
+            == Some("Never")
+        {
+            return None;
+        }
+        let facts = PodFacts::new(pod);
+        let mut a = self.acct.lock().ok()?;
+        // Victims of an earlier preemption still terminating: wait for
+        // them rather than choosing more.
+        if let Some(n) = a.nominated.get(key)
+            && n.victims.iter().any(|v| self.pods.get(v).is_some())
+        {
+            return None;
+        }
+        let mut on_node: HashMap<&str, Vec<preemption::Placed>> = HashMap::new();
+        for (k, (node, r, prio)) in &a.placed {
+            on_node
+                .entry(node.as_str())
+                .or_default()
+                .push(preemption::Placed {
+                    key: k.clone(),
+                    priority: *prio,
+                    req: *r,
+                });
+        }
+        let reserved = a.reserved(key, facts.priority);
+        let mut candidates = Vec::new();
+        for n in a.nodes.values() {
+            // Only resources can be freed: the node must pass every other
+            // filter as it is.
+            let empty = Resources::default();
+            if !filter(&facts, n, empty).is_empty() {
+                continue;
+            }
+            let Some(pods) = on_node.get(n.name.as_str()) else {
+                continue;
+            };
+            let mut used = a.per_node.get(&n.name).copied().unwrap_or_default();
+            if let Some(r) = reserved.get(&n.name) {
+                used = used.plus(*r);
+            }
+            if let Some(v) =
+                preemption::victims_on(n.alloc, used, pods, facts.priority, facts.req, fits)
+            {
+                candidates.push((n.name.clone(), v));
+            }
+        }
+        let (node, victims) = preemption::pick(candidates)?;
+        a.nominated.insert(
+            key.to_owned(),
+            Nomination {
+                node: node.clone(),
+                req: facts.req,
+                priority: facts.priority,
+                victims: victims.iter().map(|v| v.key.clone()).collect(),
+            },
+        );
+        Some((node, victims))
+    }
+
+    /// Carries out a preemption: the pod learns its nominated node, each
+    /// victim gets a DisruptionTarget condition and an event, then is
+    /// deleted (gracefully, as any deletion).
+    async fn evict_victims(&self, pod: &Value, node: &str, victims: Vec<preemption::Placed>) {
+        let (ns, name) = (meta::namespace(pod), meta::name(pod));
+        let patch = json!({"status": {"nominatedNodeName": node}});
+        if let Err(e) = self
+            .client
+            .patch(PODS, ns, name, Some("status"), patch)
+            .await
+            && !e.is_not_found()
+        {
+            tracing::debug!(pod = %meta::key(pod), error = %e, "setting nominatedNodeName failed");
+        }
+        for v in victims {
+            let (vns, vname) = meta::split_key(&v.key);
+            let Some(victim) = self.pods.get(&v.key) else {
+                continue;
+            };
+            tracing::info!(victim = %v.key, preemptor = %meta::key(pod), %node, "preempting");
+            let mut conditions: Vec<Value> = victim
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| c.get("type").and_then(Value::as_str) != Some("DisruptionTarget"))
+                .collect();
+            conditions.push(json!({
+                "type": "DisruptionTarget", "status": "True",
+                "reason": "PreemptionByScheduler",
+                "message": format!("{SCHEDULER_NAME}: preempting to accommodate a higher priority pod"),
+                "lastTransitionTime": meta::now_rfc3339(),
+            }));
+            let patch = json!({"status": {"conditions": conditions}});
+            if let Err(e) = self
+                .client
+                .patch(PODS, vns, vname, Some("status"), patch)
+                .await
+                && !e.is_not_found()
+            {
+                tracing::debug!(victim = %v.key, error = %e, "marking the victim failed");
+            }
+            self.client.event(
+                SCHEDULER_NAME,
+                "Pod",
+                &victim,
+                EventType::Normal,
+                "Preempted",
+                format!("Preempted by pod {} on node {node}", meta::uid(pod)),
+            );
+            if let Err(e) = self
+                .client
+                .delete(PODS, vns, vname, Some(meta::uid(&victim)))
+                .await
+                && !e.is_not_found()
+            {
+                tracing::warn!(victim = %v.key, error = %e, "deleting a preemption victim failed");
+            }
+        }
     }
 
     fn forget(&self, key: &str) {
@@ -820,6 +1206,9 @@ impl Reconciler for Arc<Scheduler> {
                 };
                 tracing::debug!(pod = %key, %message, "pod is unschedulable");
                 self.mark_unschedulable(&pod, message).await?;
+                if let Some((node, victims)) = self.preempt(key, &pod) {
+                    self.evict_victims(&pod, &node, victims).await;
+                }
                 // Node and pod changes requeue it; the timer is a backstop.
                 Ok(Requeue::After(Duration::from_secs(30)))
             }
@@ -843,87 +1232,101 @@ mod tests {
         n
     }
 
+    fn check(pod: &Value, n: &Value, used: Resources) -> Vec<Reject> {
+        filter(
+            &PodFacts::new(pod),
+            &NodeInfo::new(Arc::new(n.clone())),
+            used,
+        )
+    }
+
     #[test]
     fn filters_name_what_failed() {
         let pod = json!({"spec": {"containers": [{"resources": {"requests": {"cpu": "500m"}}}]}});
         let ok = node("a", json!({}));
-        assert!(
-            filter(
-                &pod,
-                pod_requests(&pod),
-                &ok,
-                allocatable(&ok),
-                Resources::default()
-            )
-            .is_empty()
-        );
+        assert!(check(&pod, &ok, Resources::default()).is_empty());
         let full = Resources {
             milli_cpu: 1800,
             memory: 0,
             pods: 3,
         };
-        assert_eq!(
-            filter(&pod, pod_requests(&pod), &ok, allocatable(&ok), full),
-            vec![Reject::Cpu, Reject::Pods]
-        );
+        assert_eq!(check(&pod, &ok, full), vec![Reject::Cpu, Reject::Pods]);
         let tainted = node(
             "b",
             json!({"spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]}}),
         );
         assert_eq!(
-            filter(
-                &pod,
-                pod_requests(&pod),
-                &tainted,
-                allocatable(&tainted),
-                Resources::default()
-            ),
+            check(&pod, &tainted, Resources::default()),
             vec![Reject::Taint]
         );
         let tolerant = json!({"spec": {"tolerations": [{"key": "k", "operator": "Exists"}], "containers": []}});
-        assert!(
-            filter(
-                &tolerant,
-                pod_requests(&tolerant),
-                &tainted,
-                allocatable(&tainted),
-                Resources::default()
-            )
-            .is_empty()
+        assert!(check(&tolerant, &tainted, Resources::default()).is_empty());
+        let soft = node(
+            "s",
+            json!({"spec": {"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}}),
         );
+        assert!(check(&pod, &soft, Resources::default()).is_empty());
         let cordoned = node("c", json!({"spec": {"unschedulable": true}}));
         assert_eq!(
-            filter(
-                &pod,
-                pod_requests(&pod),
-                &cordoned,
-                allocatable(&cordoned),
-                Resources::default()
-            ),
+            check(&pod, &cordoned, Resources::default()),
             vec![Reject::Unschedulable]
+        );
+        let not_ready = node(
+            "r",
+            json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+        );
+        assert_eq!(
+            check(&pod, &not_ready, Resources::default()),
+            vec![Reject::NotReady]
         );
         let picky = json!({"spec": {"nodeSelector": {"disk": "hdd"}, "containers": []}});
         assert_eq!(
-            filter(
-                &picky,
-                pod_requests(&picky),
-                &ok,
-                allocatable(&ok),
-                Resources::default()
-            ),
+            check(&picky, &ok, Resources::default()),
             vec![Reject::Affinity]
         );
         let affine = json!({"spec": {"containers": [], "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}]}}}}});
-        assert!(
-            filter(
-                &affine,
-                pod_requests(&affine),
-                &ok,
-                allocatable(&ok),
-                Resources::default()
-            )
-            .is_empty()
-        );
+        assert!(check(&affine, &ok, Resources::default()).is_empty());
+    }
+
+    #[test]
+    fn preferences_steer_the_choice() {
+        let a = Arc::new(NodeInfo::new(Arc::new(node("a", json!({})))));
+        let mut labelled = node("b", json!({}));
+        labelled["metadata"]["labels"]["zone"] = json!("z1");
+        let b = Arc::new(NodeInfo::new(Arc::new(labelled)));
+        let soft = Arc::new(NodeInfo::new(Arc::new(node(
+            "c",
+            json!({"spec": {"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}}),
+        ))));
+        let pod = json!({"spec": {"containers": [], "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 50, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z1"]}]}}]}}}});
+        let facts = PodFacts::new(&pod);
+        let raw = |n: &Arc<NodeInfo>| {
+            [
+                score(facts.req, n.alloc, Resources::default()),
+                0,
+                facts.preferred_weight(n),
+                facts.intolerable_preferences(n),
+                0,
+            ]
+        };
+        let feasible = vec![(&a, raw(&a)), (&b, raw(&b)), (&soft, raw(&soft))];
+        assert_eq!(pick_best(&feasible).map(|n| n.name.as_str()), Some("b"));
+        // Without the preference the tainted node still loses to a clean
+        // one.
+        let plain = json!({"spec": {"containers": []}});
+        let facts = PodFacts::new(&plain);
+        let raw = |n: &Arc<NodeInfo>| {
+            [
+                score(facts.req, n.alloc, Resources::default()),
+                0,
+                facts.preferred_weight(n),
+                facts.intolerable_preferences(n),
+                0,
+            ]
+        };
+        let feasible = vec![(&soft, raw(&soft)), (&a, raw(&a))];
+        assert_eq!(pick_best(&feasible).map(|n| n.name.as_str()), Some("a"));
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct ServerArgs {
     /// unreachable and its pods are evicted.
     #[arg(long, env = "SKEP_NODE_MONITOR_GRACE_PERIOD", default_value = "40s", value_parser = parse_duration)]
     node_monitor_grace_period: Duration,
+    /// Terminated pods (Succeeded/Failed) kept before the oldest are
+    /// deleted; 0 keeps them all.
+    #[arg(long, default_value_t = 12_500)]
+    terminated_pod_gc_threshold: usize,
     /// Extra DNS names or IPs for the serving certificate.
     #[arg(long = "tls-san", value_delimiter = ',')]
     tls_sans: Vec<String>,
@@ -143,6 +147,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         skep_controllers::ManagerOptions {
             node_monitor_grace: args.node_monitor_grace_period,
             metrics: Some(handle.metrics_source.clone()),
+            pod_gc: skep_controllers::podgc::PodGcOptions {
+                terminated_threshold: args.terminated_pod_gc_threshold,
+                ..Default::default()
+            },
             ..Default::default()
         },
     );

@@ -1849,3 +1849,371 @@ spec:
     });
     assert_eq!(placed.get("a1"), Some(&3), "{placed:?}");
 }
+
+/// Pods per node for a selector, counting Running pods only.
+fn per_node(s: &Server, ns: &str, selector: &str) -> std::collections::BTreeMap<String, i32> {
+    let mut m = std::collections::BTreeMap::new();
+    for p in running_pods(s, ns, selector) {
+        *m.entry(p["spec"]["nodeName"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn priority_classes_admission_and_preemption() {
+    let s = Server::start();
+    add_node(&s, "n1", json!({"kubernetes.io/hostname": "n1"}), 110);
+    let _kubelet = SimKubelet::start(&s);
+    s.k(V, &["create", "namespace", "prio"]);
+
+    // The system classes exist; user classes stay below them.
+    let classes = s.k(V, &["get", "priorityclasses"]);
+    assert!(
+        classes.contains("system-cluster-critical") && classes.contains("2000000000"),
+        "{classes}"
+    );
+    assert!(classes.contains("system-node-critical"), "{classes}");
+    let out = s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: too-high}\nvalue: 2000000000\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("must be no greater than 1000000000"),
+        "{err}"
+    );
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: low}
+value: 10
+---
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: high}
+value: 1000
+description: for the important pod
+",
+        ),
+    );
+    let pc = s.k(V, &["get", "pc", "high"]);
+    assert!(
+        pc.contains("1000") && pc.contains("PreemptLowerPriority"),
+        "{pc}"
+    );
+
+    // An unknown class is refused, naming it.
+    let out = s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata: {name: lost, namespace: prio}\nspec:\n  priorityClassName: nope\n  containers: [{name: c, image: registry.example/app:v1}]\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no PriorityClass with name nope was found"),
+        "{err}"
+    );
+
+    // Three low-priority pods fill the node's 4 cpus.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: filler, namespace: prio}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: filler}}
+  template:
+    metadata: {labels: {app: filler}}
+    spec:
+      priorityClassName: low
+      containers:
+      - {name: c, image: registry.example/app:v1, resources: {requests: {cpu: 1300m}}}
+",
+        ),
+    );
+    eventually(30, "3 filler pods Running", || {
+        (running_pods(&s, "prio", "app=filler").len() == 3).then_some(())
+    });
+    let filler = &running_pods(&s, "prio", "app=filler")[0];
+    assert_eq!(filler["spec"]["priority"], 10, "{filler}");
+    // DefaultTolerationSeconds: five minutes on a failed node.
+    let tolerations = filler["spec"]["tolerations"].as_array().unwrap();
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        assert!(
+            tolerations
+                .iter()
+                .any(|t| t["key"] == key && t["tolerationSeconds"] == 300),
+            "{tolerations:?}"
+        );
+    }
+
+    // The important pod does not fit: it preempts one filler pod.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: vip, namespace: prio}
+spec:
+  priorityClassName: high
+  containers:
+  - {name: c, image: registry.example/app:v1, resources: {requests: {cpu: 1300m}}}
+",
+        ),
+    );
+    let vip = eventually(60, "vip Running on n1", || {
+        let p = s.json(V, &["-n", "prio", "get", "pod", "vip"]);
+        (p["status"]["phase"] == "Running").then_some(p)
+    });
+    assert_eq!(vip["spec"]["nodeName"], "n1");
+    assert_eq!(vip["spec"]["priority"], 1000);
+    assert_eq!(vip["spec"]["preemptionPolicy"], "PreemptLowerPriority");
+    assert_eq!(vip["status"]["nominatedNodeName"], "n1", "{vip}");
+    let events = s.k(
+        V,
+        &[
+            "-n",
+            "prio",
+            "get",
+            "events",
+            "--field-selector",
+            "reason=Preempted",
+        ],
+    );
+    assert!(
+        events.contains(&format!(
+            "Preempted by pod {} on node n1",
+            vip["metadata"]["uid"].as_str().unwrap()
+        )),
+        "{events}"
+    );
+    // The filler's replacement cannot take the room back, nor preempt a
+    // pod of its own priority.
+    let pending = eventually(30, "a filler replacement Pending", || {
+        items(&s, &["-n", "prio", "get", "pods", "-l", "app=filler"])
+            .into_iter()
+            .find(|p| {
+                p["spec"]["nodeName"].is_null()
+                    && p["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["reason"] == "Unschedulable"))
+            })
+    });
+    assert!(
+        pending["status"]["conditions"]
+            .to_string()
+            .contains("Insufficient cpu"),
+        "{pending}"
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(running_pods(&s, "prio", "app=filler").len(), 2);
+    assert_eq!(
+        s.json(V, &["-n", "prio", "get", "pod", "vip"])["status"]["phase"],
+        "Running"
+    );
+}
+
+#[test]
+fn preferred_affinities_and_soft_taints_steer_placement() {
+    let s = Server::start();
+    for (name, disk) in [("s1", "ssd"), ("h1", "hdd"), ("t1", "hdd")] {
+        add_node(
+            &s,
+            name,
+            json!({"disk": disk, "kubernetes.io/hostname": name}),
+            110,
+        );
+    }
+    s.k(
+        V,
+        &["taint", "nodes", "t1", "dedicated=batch:PreferNoSchedule"],
+    );
+    let _kubelet = SimKubelet::start(&s);
+    s.k(V, &["create", "namespace", "pref"]);
+    let deploy = |name: &str, replicas: u32, affinity: &str| {
+        format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: pref}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      affinity:
+{affinity}
+      containers:
+      - {{name: c, image: registry.example/app:v1}}
+"
+        )
+    };
+    // Preferred node affinity: every replica on the ssd node.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(&deploy(
+            "fast",
+            3,
+            "        nodeAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 80
+            preference:
+              matchExpressions: [{key: disk, operator: In, values: [ssd]}]",
+        )),
+    );
+    let fast = eventually(30, "3 fast pods Running", || {
+        let m = per_node(&s, "pref", "app=fast");
+        (m.values().sum::<i32>() == 3).then_some(m)
+    });
+    assert_eq!(fast.get("s1"), Some(&3), "{fast:?}");
+    // Preferred pod affinity: next to the fast pods.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(&deploy(
+            "near",
+            2,
+            "        podAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm:
+              topologyKey: kubernetes.io/hostname
+              labelSelector: {matchLabels: {app: fast}}",
+        )),
+    );
+    let near = eventually(30, "2 near pods Running", || {
+        let m = per_node(&s, "pref", "app=near");
+        (m.values().sum::<i32>() == 2).then_some(m)
+    });
+    assert_eq!(near.get("s1"), Some(&2), "{near:?}");
+    // Preferred anti-affinity away from them, and the soft taint keeps
+    // them off t1: both on h1.
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(&deploy(
+            "apart",
+            2,
+            "        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm:
+              topologyKey: kubernetes.io/hostname
+              labelSelector: {matchLabels: {app: fast}}",
+        )),
+    );
+    let apart = eventually(30, "2 apart pods Running", || {
+        let m = per_node(&s, "pref", "app=apart");
+        (m.values().sum::<i32>() == 2).then_some(m)
+    });
+    assert_eq!(apart.get("h1"), Some(&2), "{apart:?}");
+}
+
+#[test]
+fn scaling_mid_rollout_is_proportional_and_finished_pods_are_collected() {
+    let s = Server::start_with(&["--no-agent", "--terminated-pod-gc-threshold", "3"]);
+    add_node(&s, "n1", json!({"kubernetes.io/hostname": "n1"}), 110);
+    let _kubelet = SimKubelet::start(&s);
+    s.k(V, &["create", "namespace", "prop"]);
+    s.kubectl_stdin(
+        V,
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: prop}
+spec:
+  replicas: 10
+  strategy: {rollingUpdate: {maxSurge: 3, maxUnavailable: 0}}
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: c, image: registry.example/web:v1}]
+",
+        ),
+    );
+    eventually(30, "10 web pods Running", || {
+        (running_pods(&s, "prop", "app=web").len() == 10).then_some(())
+    });
+    // v2's pods can never be placed, so the rollout stops at old 10 +
+    // new 3 (maxSurge 3, maxUnavailable 0).
+    s.k(
+        V,
+        &[
+            "-n",
+            "prop",
+            "patch",
+            "deployment",
+            "web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"template":{"spec":{"nodeSelector":{"disk":"none"}}}}}"#,
+        ],
+    );
+    let sizes = |s: &Server| {
+        let mut v: Vec<(String, i64)> = items(s, &["-n", "prop", "get", "rs"])
+            .iter()
+            .map(|r| {
+                (
+                    r["spec"]["template"]["spec"]["nodeSelector"]["disk"]
+                        .as_str()
+                        .unwrap_or("old")
+                        .to_owned(),
+                    r["spec"]["replicas"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    eventually(30, "the rollout stuck at 10 old + 3 new", || {
+        (sizes(&s) == vec![("none".to_owned(), 3), ("old".to_owned(), 10)]).then_some(())
+    });
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        sizes(&s),
+        vec![("none".to_owned(), 3), ("old".to_owned(), 10)]
+    );
+    // Scaled to 20 (allowed 23): the 10 more are shared 10:3, not all
+    // given to the new set.
+    s.k(
+        V,
+        &["-n", "prop", "scale", "deployment", "web", "--replicas=20"],
+    );
+    eventually(30, "old 18 + new 5", || {
+        (sizes(&s) == vec![("none".to_owned(), 5), ("old".to_owned(), 18)]).then_some(())
+    });
+
+    // Pod GC: with a threshold of 3, the oldest finished pods go.
+    for i in 0..6 {
+        s.kubectl_stdin(
+            V,
+            &["apply", "-f", "-"],
+            Some(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: done-{i}, namespace: prop, labels: {{app: done}}}}\nspec:\n  restartPolicy: Never\n  containers: [{{name: c, image: registry.example/task:exit0}}]\n"
+            )),
+        );
+    }
+    let left = eventually(60, "3 finished pods left", || {
+        let names: Vec<String> = items(&s, &["-n", "prop", "get", "pods", "-l", "app=done"])
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        (names.len() == 3).then_some(names)
+    });
+    assert_eq!(left, vec!["done-3", "done-4", "done-5"]);
+}
