@@ -6,6 +6,8 @@
 //! a 6-byte body), the skep proxy (this binary re-executed, its routing
 //! table built from Ingress/Service/EndpointSlice/Secret objects by the
 //! same code the node's watches use; tokio with WORKERS worker threads)
+//! (skep's own worker threads, `--ingress-workers` = WORKERS, each a
+//! single-threaded runtime with a SO_REUSEPORT listener)
 //! and nginx (`worker_processes` = WORKERS, upstream keepalive 64,
 //! access_log off) with the same routes, the same certificate and the
 //! same forwarded headers. The skep proxy runs without a log subscriber,
@@ -15,7 +17,9 @@
 //! other): HTTP/1.1 keep-alive plaintext (wrk), HTTP/1.1 keep-alive over
 //! TLS (wrk, SNI bench.test), HTTP/2 over TLS (h2load, 10 streams per
 //! connection; latencies from its per-request log). Reports requests/s,
-//! p50/p99 latency and the proxies' RSS (VmHWM, nginx master + workers).
+//! p50/p99 latency, CPU time per request (utime + stime of the whole
+//! process tree over the measured run, divided by the requests) and the
+//! proxies' RSS (VmHWM, nginx master + workers).
 //! Writes target/bench/ingress.json. SKEP_INGRESS_BENCH_SECS (default 10)
 //! sets each load's duration; SKEP_INGRESS_BENCH_WORKERS (default 1) the
 //! proxies' worker count.
@@ -110,15 +114,17 @@ fn skep_proxy() {
                "type": "kubernetes.io/tls",
                "data": {"tls.crt": b64("tls.crt"), "tls.key": b64("tls.key")}}),
     );
+    // nginx serves plain HTTP too, so the HTTP→HTTPS redirect is off.
     objs.ingresses.insert(
         "bench/web".into(),
-        json!({"metadata": {"name": "web", "namespace": "bench"},
+        json!({"metadata": {"name": "web", "namespace": "bench",
+                            "annotations": {"skep.io/ssl-redirect": "false"}},
                "spec": {"tls": [{"hosts": [HOST], "secretName": "tls"}],
                         "rules": [{"host": HOST, "http": {"paths": [{"path": "/", "pathType": "Prefix",
                             "backend": {"service": {"name": "up", "port": {"number": 80}}}}]}}]}}),
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers())
+    // Only sets up: the proxy's own `workers()` threads serve.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
@@ -138,6 +144,7 @@ fn skep_proxy() {
             ingress_http_listen: format!("127.0.0.1:{SKEP_HTTP}").parse().unwrap(),
             ingress_https_listen: format!("127.0.0.1:{SKEP_HTTPS}").parse().unwrap(),
             ingress_metrics_listen: "off".parse().unwrap(),
+            ingress_workers: workers(),
         };
         let bound = skep_ingress::serve(proxy, &args).await;
         assert!(
@@ -273,6 +280,25 @@ fn tree(pid: u32) -> Vec<u32> {
     out
 }
 
+/// utime + stime of a process tree, seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    tree(pid)
+        .into_iter()
+        .map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // After the ")": state is field 3; utime, stime are 14 and 15.
+            let f: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.split_whitespace().collect())
+                .unwrap_or_default();
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (n(11) + n(12)) / tck
+        })
+        .sum()
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Load {
     Http1,
@@ -296,6 +322,8 @@ struct Result_ {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// The proxy's CPU per request, microseconds.
+    cpu_us: f64,
 }
 
 /// wrk's latency lines ("50%  1.23ms") → milliseconds.
@@ -350,6 +378,7 @@ fn run_load(env: &Env, load: Load, port: u16, secs: u64) -> Result_ {
                 p50_ms: wrk_ms(&out, "50%"),
                 p99_ms: wrk_ms(&out, "99%"),
                 errors,
+                cpu_us: 0.0,
             }
         }
         Load::H2Tls => {
@@ -405,6 +434,7 @@ fn run_load(env: &Env, load: Load, port: u16, secs: u64) -> Result_ {
                 p50_ms: pct(0.50),
                 p99_ms: pct(0.99),
                 errors,
+                cpu_us: 0.0,
             }
         }
     }
@@ -554,7 +584,7 @@ fn run() {
     let mut results = Vec::new();
     for load in [Load::Http1, Load::Http1Tls, Load::H2Tls] {
         let mut pair = Vec::new();
-        for (who, port) in [
+        for (who, port, pid) in [
             (
                 "nginx",
                 if matches!(load, Load::Http1) {
@@ -562,6 +592,7 @@ fn run() {
                 } else {
                     NGINX_HTTPS
                 },
+                nginx_pid,
             ),
             (
                 "skep",
@@ -570,27 +601,40 @@ fn run() {
                 } else {
                     SKEP_HTTPS
                 },
+                skep_pid,
             ),
         ] {
             // Warm-up: connections, pools, TLS session setup.
             let _ = run_load(&env, load, port, 2);
-            let r = run_load(&env, load, port, secs);
+            let cpu0 = cpu_secs(pid);
+            let mut r = run_load(&env, load, port, secs);
+            let cpu = cpu_secs(pid) - cpu0;
+            // wrk's rate is over its own run; the CPU window is a bit
+            // longer (process start-up), which errs against the proxy.
+            let requests = r.rps * secs as f64;
+            r.cpu_us = if requests > 0.0 {
+                cpu * 1e6 / requests
+            } else {
+                0.0
+            };
             println!(
-                "  {:<20} {who:<6} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  errors {}",
+                "  {:<20} {who:<6} {:>10.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  cpu {:>6.1} µs/req  errors {}",
                 load.name(),
                 r.rps,
                 r.p50_ms,
                 r.p99_ms,
+                r.cpu_us,
                 r.errors
             );
             pair.push(r);
         }
         let (n, s) = (pair[0], pair[1]);
         println!(
-            "  {:<20} skep/nginx: throughput ×{:.2}, p99 ×{:.2}",
+            "  {:<20} skep/nginx: throughput ×{:.2}, p99 ×{:.2}, cpu/req ×{:.2}",
             load.name(),
             s.rps / n.rps,
-            s.p99_ms / n.p99_ms
+            s.p99_ms / n.p99_ms,
+            s.cpu_us / n.cpu_us
         );
         results.push((load, s, n));
     }
@@ -610,6 +654,7 @@ fn run() {
             load.name().into(),
             json!({
                 "rps": round(s.rps), "p50_ms": round(s.p50_ms), "p99_ms": round(s.p99_ms), "errors": s.errors,
+                "cpu_us_per_request": round(s.cpu_us), "nginx_cpu_us_per_request": round(n.cpu_us),
                 "nginx_rps": round(n.rps), "nginx_p50_ms": round(n.p50_ms), "nginx_p99_ms": round(n.p99_ms), "nginx_errors": n.errors,
                 "rps_ratio_vs_nginx": round(s.rps / n.rps),
                 "p99_ratio_vs_nginx": round(s.p99_ms / n.p99_ms),

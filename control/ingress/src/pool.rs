@@ -1,6 +1,9 @@
-//! Upstream keep-alive connections, per endpoint: HTTP/1.1 senders kept
-//! idle between requests and handed back when a response body has been
-//! read to its end (see [`PooledBody`]).
+//! Upstream keep-alive connections through hyper's HTTP/1.1 client, per
+//! endpoint: senders kept idle between requests and handed back when a
+//! response body has been read to its end (see [`PooledBody`]). The proxy
+//! uses it only for protocol upgrades (WebSocket), where hyper hands over
+//! the upgraded connection; every other request goes through
+//! [`crate::upstream`], which spends less CPU per request.
 //!
 //! It replaces hyper-util's legacy client, which spawned a task per
 //! request to watch the connection become idle again and hashed a

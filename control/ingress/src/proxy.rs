@@ -1,7 +1,10 @@
 //! The reverse proxy: HTTP/1.1 and HTTP/2 (h2c prior knowledge on the
 //! plain port, ALPN `h2`/`http/1.1` on TLS) in, HTTP/1.1 to the Service's
 //! ready endpoints out, over pooled keep-alive connections per endpoint
-//! ([`crate::pool`]).
+//! and worker ([`crate::upstream`]; upgrades through hyper's client,
+//! [`crate::pool`]). Plain-HTTP requests to a host some Ingress serves
+//! over TLS are answered `308` to `https://` (unless that Ingress turns
+//! `ssl-redirect` off).
 //!
 //! Every request reads the current routing [`Snapshot`] once (an
 //! `ArcSwap` load), so a reload swaps the table between two requests and
@@ -15,6 +18,7 @@ use crate::{
     metrics::Registry,
     pool::{Pool, PooledBody, UpstreamError},
     routes::Snapshot,
+    upstream::{self, H1Body},
 };
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -29,20 +33,22 @@ use hyper_util::{
     server::conn::auto,
 };
 use std::{
+    borrow::Cow,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 use tokio::net::TcpListener;
 
-/// Responses: the upstream's body streamed through, or our own.
-pub type RespBody = Either<PooledBody, Full<Bytes>>;
+/// Responses: the upstream's body streamed through (read by
+/// [`crate::upstream`], or by hyper's client after an upgrade), or our own.
+pub type RespBody = Either<Either<H1Body, PooledBody>, Full<Bytes>>;
 
 /// Connect attempts per request (each on another endpoint).
 const MAX_ATTEMPTS: usize = 3;
@@ -84,11 +90,34 @@ impl Body for UpBody {
 pub struct Proxy {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub registry: Arc<Registry>,
-    pool: Arc<Pool>,
     server: auto::Builder<TokioExecutor>,
     /// False until the first full list of the API objects was applied:
     /// until then every request is 503, not a misleading 404.
     synced: AtomicBool,
+    /// The HTTPS listener's port, for the HTTP→HTTPS redirect's Location
+    /// (0: none; 443 is left out of the URL).
+    https_port: AtomicU16,
+}
+
+/// What the request path needs of its connection, made once per
+/// connection rather than per request.
+#[derive(Debug)]
+struct Conn {
+    peer: SocketAddr,
+    https: bool,
+    /// The client's address as a header value (X-Forwarded-For).
+    client_ip: HeaderValue,
+    /// The worker's upstream connections for upgrades (hyper's client).
+    pool: Arc<Pool>,
+    /// The worker's upstream connections for everything else.
+    h1: Arc<upstream::Pool>,
+}
+
+/// A worker's upstream connection pools.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Pools {
+    pub upgrades: Arc<Pool>,
+    pub h1: Arc<upstream::Pool>,
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1).
@@ -101,7 +130,16 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (no hashing)
+    // spares the removals below.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Names listed in Connection are hop-by-hop too.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -133,8 +171,9 @@ fn local(status: StatusCode, text: &'static str) -> Response<RespBody> {
 }
 
 /// The request's host, lower-case, without the port: the Host header
-/// (HTTP/1.1) or the URI authority (HTTP/2).
-fn host_of(req: &Request<Incoming>) -> String {
+/// (HTTP/1.1) or the URI authority (HTTP/2). Borrowed unless it had to be
+/// lower-cased.
+fn host_of(req: &Request<Incoming>) -> Cow<'_, str> {
     let raw = req
         .uri()
         .authority()
@@ -147,19 +186,52 @@ fn host_of(req: &Request<Incoming>) -> String {
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
-    without_port.to_ascii_lowercase()
+    if without_port.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(without_port.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(without_port)
+    }
+}
+
+/// `308 Permanent Redirect` to the same host and request URI over HTTPS
+/// (ingress-nginx's ssl-redirect answer).
+fn redirect(host: &str, https_port: u16, pq: Option<&PathAndQuery>) -> Response<RespBody> {
+    let pq = pq.map_or("/", PathAndQuery::as_str);
+    let location = if https_port == 443 || https_port == 0 {
+        format!("https://{host}{pq}")
+    } else {
+        format!("https://{host}:{https_port}{pq}")
+    };
+    let mut resp = local(StatusCode::PERMANENT_REDIRECT, "redirecting to HTTPS\n");
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        // The host came from a header value and the path from a parsed
+        // URI, so this cannot happen; answer as for a bad request anyway.
+        Err(_) => local(StatusCode::BAD_REQUEST, "bad host\n"),
+    }
 }
 
 impl Proxy {
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, registry: Arc<Registry>) -> Arc<Self> {
-        let server = auto::Builder::new(TokioExecutor::new());
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        // Small proxied answers: one flattened buffer, one write(2), is
+        // cheaper than a writev of head and body.
+        server.http1().writev(false);
         Arc::new(Self {
             snapshot,
             registry,
-            pool: Arc::new(Pool::default()),
             server,
             synced: AtomicBool::new(false),
+            https_port: AtomicU16::new(0),
         })
+    }
+
+    /// Tells the redirect where HTTPS is served (see [`crate::serve`]).
+    pub fn set_https_port(&self, port: u16) {
+        self.https_port.store(port, Ordering::Relaxed);
     }
 
     /// Installs a new routing table (all requests after this use it).
@@ -170,6 +242,16 @@ impl Proxy {
 
     /// Serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge).
     pub async fn serve_http(self: Arc<Self>, listener: TcpListener) {
+        self.serve_http_with(listener, Pools::default()).await
+    }
+
+    /// Serves HTTPS with the certificates of the live snapshot (SNI).
+    pub async fn serve_https(self: Arc<Self>, listener: TcpListener) {
+        self.serve_https_with(listener, Pools::default()).await
+    }
+
+    /// [`Self::serve_http`] with a worker's upstream pool.
+    pub(crate) async fn serve_http_with(self: Arc<Self>, listener: TcpListener, pool: Pools) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -182,14 +264,15 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
+            let conn = Conn::new(peer, false, pool.clone());
             tokio::spawn(async move {
-                proxy.serve_conn(TokioIo::new(stream), peer, false).await;
+                proxy.serve_conn(TokioIo::new(stream), conn).await;
             });
         }
     }
 
-    /// Serves HTTPS with the certificates of the live snapshot (SNI).
-    pub async fn serve_https(self: Arc<Self>, listener: TcpListener) {
+    /// [`Self::serve_https`] with a worker's upstream pool.
+    pub(crate) async fn serve_https_with(self: Arc<Self>, listener: TcpListener, pool: Pools) {
         let config = match crate::tls::server_config(self.snapshot.clone()) {
             Ok(c) => c,
             Err(e) => {
@@ -210,9 +293,10 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
             let acceptor = acceptor.clone();
+            let conn = Conn::new(peer, true, pool.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => proxy.serve_conn(TokioIo::new(tls), peer, true).await,
+                    Ok(Ok(tls)) => proxy.serve_conn(TokioIo::new(tls), conn).await,
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -220,14 +304,17 @@ impl Proxy {
         }
     }
 
-    async fn serve_conn<I>(self: Arc<Self>, io: I, peer: SocketAddr, https: bool)
+    async fn serve_conn<I>(self: Arc<Self>, io: I, conn: Conn)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
+        let peer = conn.peer;
+        let conn = Arc::new(conn);
         let proxy = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer, https).await) }
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
         });
         if let Err(e) = self.server.serve_connection_with_upgrades(io, svc).await {
             tracing::debug!(%peer, error = %e, "ingress connection ended with an error");
@@ -235,12 +322,8 @@ impl Proxy {
     }
 
     /// Routes and forwards one request.
-    pub async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        peer: SocketAddr,
-        https: bool,
-    ) -> Response<RespBody> {
+    async fn handle(&self, mut req: Request<Incoming>, conn: &Conn) -> Response<RespBody> {
+        let (peer, https) = (conn.peer, conn.https);
         let started = Instant::now();
         if !self.synced.load(Ordering::Acquire) {
             return local(
@@ -251,7 +334,20 @@ impl Proxy {
         let host = host_of(&req);
         let backend = {
             let snap = self.snapshot.load();
-            snap.route(&host, req.uri().path()).cloned()
+            match snap.route(&host, req.uri().path()) {
+                // Plain HTTP to a host served over TLS goes to HTTPS.
+                Some(b) if !https && b.ssl_redirect && snap.has_tls(&host) => {
+                    let resp = redirect(
+                        &host,
+                        self.https_port.load(Ordering::Relaxed),
+                        req.uri().path_and_query(),
+                    );
+                    b.stats.observe(308, started.elapsed());
+                    access_log(&req, peer, &host, 308, None, Some(b), started);
+                    return resp;
+                }
+                b => b.cloned(),
+            }
         };
         let Some(backend) = backend else {
             let resp = local(
@@ -262,6 +358,8 @@ impl Proxy {
             access_log(&req, peer, &host, 404, None, None, started);
             return resp;
         };
+        // Borrowed from the request, which is taken apart below.
+        drop(host);
         // HTTP/1.1 upgrades (WebSocket): the Upgrade header goes through,
         // and after the upstream's 101 both connections are spliced.
         let upgrade = wants_upgrade(&req).then(|| {
@@ -295,23 +393,34 @@ impl Proxy {
             parts.headers.insert(header::UPGRADE, protocol);
             client_upgrade = Some(on);
         }
-        let headers = &mut parts.headers;
-        if let Some(h) = &original_host {
-            headers.insert(header::HOST, h.clone());
-            headers.insert("x-forwarded-host", h.clone());
-        }
-        let client_ip = peer.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {client_ip}"),
-            None => client_ip,
+        // The common case (no X-Forwarded-For yet) reuses the
+        // connection's value: no formatting per request.
+        let xff = match parts
+            .headers
+            .get(upstream::X_FORWARDED_FOR)
+            .map(HeaderValue::as_bytes)
+        {
+            Some(prev) => {
+                let mut v = Vec::with_capacity(prev.len() + 2 + conn.client_ip.len());
+                v.extend_from_slice(prev);
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(conn.client_ip.as_bytes());
+                HeaderValue::from_bytes(&v).ok()
+            }
+            None => Some(conn.client_ip.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert("x-forwarded-for", v);
-        }
-        headers.insert(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if https { "https" } else { "http" }),
-        );
+        // Written by the upstream client next to the request's headers
+        // rather than inserted into the map (no rehashing, no growth).
+        let fwd = upstream::Forwarded {
+            host: if parts.headers.contains_key(header::HOST) {
+                None
+            } else {
+                original_host.clone()
+            },
+            x_forwarded_host: original_host.clone(),
+            x_forwarded_for: xff,
+            x_forwarded_proto: if https { "https" } else { "http" },
+        };
         let attempts = backend.endpoints.len().clamp(1, MAX_ATTEMPTS);
         let start = backend.start();
         let mut up = Request::new(UpBody {
@@ -320,22 +429,48 @@ impl Proxy {
         *up.method_mut() = method.clone();
         *up.version_mut() = Version::HTTP_11;
         *up.headers_mut() = std::mem::take(&mut parts.headers);
-        let version = parts.version;
         let mut pending = Some(up);
         for attempt in 0..attempts {
             let Some((endpoint, authority)) = backend.pick(start, attempt) else {
                 break;
             };
             let Some(mut up) = pending.take() else { break };
-            // Origin form on the wire; an HTTP/1.0 client without Host
-            // gets the endpoint's.
+            // Origin form on the wire.
             *up.uri_mut() = Uri::from(path_and_query.clone());
-            if !up.headers().contains_key(header::HOST)
-                && let Ok(h) = HeaderValue::from_str(authority.as_str())
-            {
-                up.headers_mut().insert(header::HOST, h);
+            if client_upgrade.is_none() {
+                match conn.h1.send(endpoint, up, &fwd, authority).await {
+                    Ok(resp) => {
+                        let (mut rparts, rbody) = resp.into_parts();
+                        strip_hop_by_hop(&mut rparts.headers);
+                        let code = rparts.status.as_u16();
+                        backend.stats.observe(code, started.elapsed());
+                        access_log_parts(
+                            &method,
+                            &path_and_query,
+                            peer,
+                            log_host(original_host.as_ref()),
+                            code,
+                            Some(endpoint),
+                            Some(&backend),
+                            started,
+                        );
+                        return Response::from_parts(rparts, Either::Left(Either::Left(rbody)));
+                    }
+                    Err((e @ upstream::UpstreamError::Connect(..), Some(back)))
+                        if attempt + 1 < attempts =>
+                    {
+                        tracing::debug!(%endpoint, error = %e, "upstream connect failed; trying the next endpoint");
+                        pending = Some(back);
+                        continue;
+                    }
+                    Err((e, _)) => {
+                        tracing::debug!(%endpoint, error = %e, "upstream request failed");
+                        break;
+                    }
+                }
             }
-            match self.pool.send(endpoint, up).await {
+            fwd.apply(up.headers_mut(), authority);
+            match conn.pool.send(endpoint, up).await {
                 Ok(mut resp) => {
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client) = client_upgrade.take()
@@ -353,22 +488,19 @@ impl Proxy {
                     }
                     let (mut rparts, rbody) = resp.into_parts();
                     strip_hop_by_hop(&mut rparts.headers);
-                    if version == Version::HTTP_2 {
-                        rparts.headers.remove("keep-alive");
-                    }
                     let code = rparts.status.as_u16();
                     backend.stats.observe(code, started.elapsed());
                     access_log_parts(
                         &method,
                         &path_and_query,
                         peer,
-                        &host,
+                        log_host(original_host.as_ref()),
                         code,
                         Some(endpoint),
                         Some(&backend),
                         started,
                     );
-                    return Response::from_parts(rparts, Either::Left(rbody));
+                    return Response::from_parts(rparts, Either::Left(Either::Right(rbody)));
                 }
                 Err((e @ UpstreamError::Connect(..), Some(back))) if attempt + 1 < attempts => {
                     tracing::debug!(%endpoint, error = %e, "upstream connect failed; trying the next endpoint");
@@ -393,7 +525,7 @@ impl Proxy {
             &method,
             &path_and_query,
             peer,
-            &host,
+            log_host(original_host.as_ref()),
             status.as_u16(),
             None,
             Some(&backend),
@@ -401,6 +533,26 @@ impl Proxy {
         );
         local(status, text)
     }
+}
+
+impl Conn {
+    fn new(peer: SocketAddr, https: bool, pools: Pools) -> Self {
+        let client_ip = HeaderValue::from_str(&peer.ip().to_string())
+            // An IP address is always a valid header value.
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            peer,
+            https,
+            client_ip,
+            pool: pools.upgrades,
+            h1: pools.h1,
+        }
+    }
+}
+
+/// The Host as the client sent it, for the access log.
+fn log_host(h: Option<&HeaderValue>) -> &str {
+    h.and_then(|h| h.to_str().ok()).unwrap_or("-")
 }
 
 /// An HTTP/1.1 request asking to switch protocols.

@@ -17,7 +17,7 @@
 use crate::{metrics::Registry, tls::CertTable};
 use serde_json::Value;
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -33,6 +33,13 @@ pub const CLASS_NAME: &str = "skep";
 pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
 /// The deprecated way to choose a class, still honoured.
 pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+/// Per-Ingress switch of the HTTP→HTTPS redirect (`"false"` turns it
+/// off); the skep name, the generic one and ingress-nginx's are read.
+pub const SSL_REDIRECT_ANNOTATIONS: [&str; 3] = [
+    "skep.io/ssl-redirect",
+    "ingress.kubernetes.io/ssl-redirect",
+    "nginx.ingress.kubernetes.io/ssl-redirect",
+];
 
 /// Where matched requests go: a Service port's ready endpoints.
 #[derive(Debug)]
@@ -48,6 +55,9 @@ pub struct Backend {
     pub authorities: Vec<http::uri::Authority>,
     next: AtomicUsize,
     pub stats: Arc<crate::metrics::Stats>,
+    /// The owning Ingress allows the HTTP→HTTPS redirect (the default);
+    /// it applies to hosts some Ingress lists under `spec.tls`.
+    pub ssl_redirect: bool,
 }
 
 impl Backend {
@@ -110,6 +120,11 @@ pub struct Snapshot {
     pub certs: CertTable,
     /// Ingresses of the class, `namespace/name` (for status and logs).
     pub ingresses: Vec<String>,
+    /// Hosts listed under some Ingress's `spec.tls` (lower-case); plain
+    /// HTTP requests to them are redirected to HTTPS.
+    tls_hosts: HashSet<String>,
+    /// The same for `*.parent` entries, keyed by the parent.
+    tls_wildcards: HashSet<String>,
 }
 
 fn first_match<'a>(routes: &'a [Route], path: &str) -> Option<&'a Arc<Backend>> {
@@ -128,6 +143,17 @@ impl Snapshot {
             return Some(b);
         }
         first_match(&self.any_host, path).or(self.default_backend.as_ref())
+    }
+
+    /// Whether some Ingress serves `host` (lower-case, no port) over TLS.
+    pub fn has_tls(&self, host: &str) -> bool {
+        if self.tls_hosts.is_empty() && self.tls_wildcards.is_empty() {
+            return false;
+        }
+        self.tls_hosts.contains(host)
+            || host
+                .split_once('.')
+                .is_some_and(|(_, parent)| self.tls_wildcards.contains(parent))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -187,6 +213,23 @@ pub fn is_ours(ingress: &Value, classes: &BTreeMap<String, Value>) -> bool {
                 ) == Some("true")
         }),
     }
+}
+
+/// Whether an Ingress leaves the HTTP→HTTPS redirect on (anything but
+/// `"false"` in its annotation does).
+fn ssl_redirect(ingress: &Value) -> bool {
+    let Some(annotations) = ingress
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    else {
+        return true;
+    };
+    !SSL_REDIRECT_ANNOTATIONS.iter().any(|a| {
+        annotations
+            .get(*a)
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+    })
 }
 
 /// Ingress age order: oldest first, then by name, for conflicts.
@@ -305,6 +348,7 @@ pub fn build(objs: &Objects, ctx: BuildContext<'_>) -> Snapshot {
         let ns = s(ing, "/metadata/namespace").unwrap_or("default");
         let ing_key: Arc<str> = Arc::from(key(ing));
         let ns_arc: Arc<str> = Arc::from(ns);
+        let redirect = ssl_redirect(ing);
         let make_backend = |b: &Value| -> Option<Arc<Backend>> {
             b.get("service")?;
             let (service, endpoints) = endpoints(objs, &slices_by_service, ns, b);
@@ -321,6 +365,7 @@ pub fn build(objs: &Objects, ctx: BuildContext<'_>) -> Snapshot {
                 authorities,
                 next: AtomicUsize::new(0),
                 stats,
+                ssl_redirect: redirect,
             }))
         };
         if snap.default_backend.is_none()
@@ -383,6 +428,19 @@ pub fn build(objs: &Objects, ctx: BuildContext<'_>) -> Snapshot {
             .into_iter()
             .flatten()
         {
+            for h in t
+                .get("hosts")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let h = h.to_ascii_lowercase();
+                match h.strip_prefix("*.") {
+                    Some(parent) => snap.tls_wildcards.insert(parent.to_owned()),
+                    None => snap.tls_hosts.insert(h),
+                };
+            }
             tls_entries.push((ns.to_owned(), t.clone()));
         }
         snap.ingresses.push(ing_key.to_string());

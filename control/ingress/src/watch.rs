@@ -57,36 +57,53 @@ impl Kind {
     }
 }
 
+/// What a reflector reports about its kind.
 #[derive(Debug)]
-enum Update {
+pub(crate) enum Change {
     /// A full list: replaces everything of the kind.
-    Replace(Kind, Vec<Value>),
-    Event(Kind, String, Value),
+    Replace(Vec<Value>),
+    /// ADDED or MODIFIED.
+    Upsert(Value),
+    Deleted(Value),
 }
+
+type Update = (Kind, Change);
 
 /// Only TLS Secrets matter; the others are not kept in memory.
 fn keep(kind: Kind, obj: &Value) -> bool {
     kind != Kind::Secret || obj.get("type").and_then(Value::as_str) == Some("kubernetes.io/tls")
 }
 
-async fn reflect(client: Client, kind: Kind, tx: mpsc::Sender<Update>) {
+/// List+watch of `path` until `tx` closes, relisting when a watch fails
+/// or ends; objects `keep` refuses are reported as deleted (an object
+/// that stops qualifying leaves the cache). Shared by the proxy's feed
+/// and the status writer.
+pub(crate) async fn reflect<T: Copy + std::fmt::Debug>(
+    client: Client,
+    path: &'static str,
+    keep: impl Fn(&Value) -> bool,
+    tag: T,
+    tx: mpsc::Sender<(T, Change)>,
+) {
     loop {
-        if let Err(e) = reflect_once(&client, kind, &tx).await {
+        if let Err(e) = reflect_once(&client, path, &keep, tag, &tx).await {
             if tx.is_closed() {
                 return;
             }
-            tracing::debug!(kind = ?kind, error = %e, "ingress watch ended; relisting");
+            tracing::debug!(kind = ?tag, error = %e, "ingress watch ended; relisting");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
 
-async fn reflect_once(
+async fn reflect_once<T: Copy>(
     client: &Client,
-    kind: Kind,
-    tx: &mpsc::Sender<Update>,
+    path: &str,
+    keep: &impl Fn(&Value) -> bool,
+    tag: T,
+    tx: &mpsc::Sender<(T, Change)>,
 ) -> Result<(), String> {
-    let list = client.get(kind.path()).await.map_err(|e| e.to_string())?;
+    let list = client.get(path).await.map_err(|e| e.to_string())?;
     let rv = list
         .pointer("/metadata/resourceVersion")
         .and_then(Value::as_str)
@@ -97,16 +114,15 @@ async fn reflect_once(
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|o| keep(kind, o))
+        .filter(|o| keep(o))
         .cloned()
         .collect();
-    tx.send(Update::Replace(kind, items))
+    tx.send((tag, Change::Replace(items)))
         .await
-        .map_err(|_| "the proxy stopped".to_string())?;
+        .map_err(|_| "the receiver stopped".to_string())?;
     let mut stream = client
         .watch(&format!(
-            "{}?resourceVersion={rv}&allowWatchBookmarks=true",
-            kind.path()
+            "{path}?resourceVersion={rv}&allowWatchBookmarks=true"
         ))
         .await
         .map_err(|e| e.to_string())?;
@@ -114,12 +130,15 @@ async fn reflect_once(
         let ev = ev.map_err(|e| e.to_string())?;
         match ev.kind.as_str() {
             "ADDED" | "MODIFIED" | "DELETED" => {
-                let kept = keep(kind, &ev.object);
                 // A Secret whose type changed away from TLS is a delete.
-                let what = if kept { ev.kind } else { "DELETED".into() };
-                tx.send(Update::Event(kind, what, ev.object))
+                let change = if ev.kind == "DELETED" || !keep(&ev.object) {
+                    Change::Deleted(ev.object)
+                } else {
+                    Change::Upsert(ev.object)
+                };
+                tx.send((tag, change))
                     .await
-                    .map_err(|_| "the proxy stopped".to_string())?;
+                    .map_err(|_| "the receiver stopped".to_string())?;
             }
             "ERROR" => return Err(format!("watch error: {}", ev.object)),
             _ => {}
@@ -128,26 +147,33 @@ async fn reflect_once(
     Err("the API server ended the watch".into())
 }
 
-fn apply(objs: &mut Objects, listed: &mut [bool; 5], up: Update) {
-    match up {
-        Update::Replace(kind, items) => {
-            let map = kind.map(objs);
+/// Applies a reflector's change to a cache keyed `namespace/name`;
+/// true for a full list.
+pub(crate) fn apply_change(map: &mut BTreeMap<String, Value>, change: Change) -> bool {
+    match change {
+        Change::Replace(items) => {
             map.clear();
             for o in items {
                 map.insert(routes::key(&o), o);
             }
-            if let Some(i) = Kind::ALL.iter().position(|k| *k == kind) {
-                listed[i] = true;
-            }
+            true
         }
-        Update::Event(kind, what, obj) => {
-            let map = kind.map(objs);
-            if what == "DELETED" {
-                map.remove(&routes::key(&obj));
-            } else {
-                map.insert(routes::key(&obj), obj);
-            }
+        Change::Upsert(obj) => {
+            map.insert(routes::key(&obj), obj);
+            false
         }
+        Change::Deleted(obj) => {
+            map.remove(&routes::key(&obj));
+            false
+        }
+    }
+}
+
+fn apply(objs: &mut Objects, listed: &mut [bool; 5], (kind, change): Update) {
+    if apply_change(kind.map(objs), change)
+        && let Some(i) = Kind::ALL.iter().position(|k| *k == kind)
+    {
+        listed[i] = true;
     }
 }
 
@@ -156,7 +182,16 @@ pub async fn run(client: Client, proxy: Arc<Proxy>) {
     let (tx, mut rx) = mpsc::channel(1024);
     let reflectors: Vec<_> = Kind::ALL
         .iter()
-        .map(|k| tokio::spawn(reflect(client.clone(), *k, tx.clone())))
+        .map(|k| {
+            let kind = *k;
+            tokio::spawn(reflect(
+                client.clone(),
+                kind.path(),
+                move |o: &Value| keep(kind, o),
+                kind,
+                tx.clone(),
+            ))
+        })
         .collect();
     drop(tx);
     let mut objs = Objects::default();

@@ -113,6 +113,7 @@ async fn start_proxy() -> (Arc<Proxy>, SocketAddr, SocketAddr) {
         ingress_http_listen: "127.0.0.1:0".parse().unwrap(),
         ingress_https_listen: "127.0.0.1:0".parse().unwrap(),
         ingress_metrics_listen: "off".parse().unwrap(),
+        ingress_workers: 2,
     };
     let bound = skep_ingress::serve(proxy.clone(), &args).await;
     (proxy, bound.http.unwrap(), bound.https.unwrap())
@@ -427,4 +428,399 @@ async fn upgrades_are_spliced() {
         .expect("echo within 5 s")
         .unwrap();
     assert_eq!(&buf, b"ping over the upgraded connection");
+}
+
+/// A plain-HTTP GET returning the status and the Location header.
+async fn get_location(addr: SocketAddr, method: &str, host: &str, path: &str) -> (u16, String) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let location = resp
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (resp.status().as_u16(), location)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_to_tls_hosts_is_redirected_unless_turned_off() {
+    let (proxy, http, https) = start_proxy().await;
+    let a = upstream("alpha").await;
+    let pki = Pki::new();
+    let mut objs = Objects::default();
+    class(&mut objs);
+    service(&mut objs, "a", &[a]);
+    let cert = pki.leaf(&["secure.test", "*.wild.test", "optout.test"]);
+    tls_secret(&mut objs, "cert", "1", &cert);
+    objs.ingresses.insert(
+        "d/secure".into(),
+        json!({"metadata": {"name": "secure", "namespace": "d"},
+               "spec": {"tls": [{"hosts": ["Secure.test", "*.wild.test"], "secretName": "cert"}],
+                        "rules": [{"host": "secure.test", "http": {"paths": [path("/", "a")]}},
+                                  {"host": "*.wild.test", "http": {"paths": [path("/", "a")]}},
+                                  {"host": "plain.test", "http": {"paths": [path("/", "a")]}}]}}),
+    );
+    objs.ingresses.insert(
+        "d/optout".into(),
+        json!({"metadata": {"name": "optout", "namespace": "d",
+                            "annotations": {"ingress.kubernetes.io/ssl-redirect": "false"}},
+               "spec": {"tls": [{"hosts": ["optout.test"], "secretName": "cert"}],
+                        "rules": [{"host": "optout.test", "http": {"paths": [path("/", "a")]}}]}}),
+    );
+    objs.ingresses.insert(
+        "d/optout2".into(),
+        json!({"metadata": {"name": "optout2", "namespace": "d",
+                            "annotations": {"skep.io/ssl-redirect": "False"}},
+               "spec": {"tls": [{"hosts": ["optout2.test"], "secretName": "cert"}],
+                        "rules": [{"host": "optout2.test", "http": {"paths": [path("/", "a")]}}]}}),
+    );
+    let mut certs = CertCache::default();
+    build(&proxy, &objs, &mut certs);
+    let port = https.port();
+
+    // A host under spec.tls: 308 to the same host and URI over HTTPS.
+    assert_eq!(
+        get_location(http, "GET", "secure.test", "/x/y?q=1&r=2").await,
+        (308, format!("https://secure.test:{port}/x/y?q=1&r=2")),
+    );
+    assert_eq!(
+        get_location(http, "POST", "SECURE.test:80", "/form").await,
+        (308, format!("https://secure.test:{port}/form")),
+        "any method, host lower-cased, the plain port dropped"
+    );
+    assert_eq!(
+        get_location(http, "GET", "a.wild.test", "/").await,
+        (308, format!("https://a.wild.test:{port}/")),
+        "a wildcard TLS host"
+    );
+    // Hosts without TLS, and Ingresses that turned it off, are proxied.
+    for host in ["plain.test", "optout.test", "optout2.test"] {
+        let (code, body) = get(http, host, "/p").await;
+        assert_eq!(
+            (code, body.lines().next()),
+            (200, Some("alpha")),
+            "{host} is not redirected"
+        );
+    }
+    // Unmatched hosts still get 404.
+    assert_eq!(get(http, "nothing.test", "/").await.0, 404);
+    // Over HTTPS the redirected host is proxied.
+    let (code, body, _) = h2_get(https, &pki.ca, "secure.test").await;
+    assert_eq!((code, body.lines().next()), (200, Some("alpha")));
+    assert!(body.contains("proto=https\n"), "{body}");
+
+    let metrics = proxy.registry.render();
+    assert!(
+        metrics.contains(
+            r#"skep_ingress_requests_total{ingress="d/secure",namespace="d",service="a",code="308"} 3"#
+        ),
+        "redirects are counted: {metrics}"
+    );
+}
+
+/// An upstream exercising HTTP/1.1 framing: chunked answers with
+/// trailers, a large fixed-length body, 204, HEAD, `Connection: close`,
+/// and an echo of the request body with its framing headers.
+async fn framing_upstream() -> SocketAddr {
+    use http_body_util::{BodyExt as _, StreamBody, combinators::BoxBody};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    type B = BoxBody<Bytes, Infallible>;
+                    let full =
+                        |b: Vec<u8>| -> B { http_body_util::Full::new(Bytes::from(b)).boxed() };
+                    let resp = match req.uri().path() {
+                        "/chunked" => {
+                            let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+                                Ok(hyper::body::Frame::data(Bytes::from_static(b"one,"))),
+                                Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; 70_000]))),
+                                Ok(hyper::body::Frame::data(Bytes::from_static(b",three"))),
+                                Ok(hyper::body::Frame::trailers({
+                                    let mut t = http::HeaderMap::new();
+                                    t.insert("x-trailer", "t".parse().unwrap());
+                                    t
+                                })),
+                            ];
+                            hyper::Response::new(
+                                StreamBody::new(futures::stream::iter(frames)).boxed(),
+                            )
+                        }
+                        "/big" => hyper::Response::new(full(vec![b'b'; 1 << 20])),
+                        "/nothing" => hyper::Response::builder()
+                            .status(204)
+                            .body(full(Vec::new()))
+                            .unwrap(),
+                        "/close" => hyper::Response::builder()
+                            .header("connection", "close")
+                            .body(full(b"closing".to_vec()))
+                            .unwrap(),
+                        _ => {
+                            let h = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .map(|v| v.to_str().unwrap().to_owned())
+                                    .unwrap_or_default()
+                            };
+                            let head = format!(
+                                "{} te={} cl={} body=",
+                                req.method(),
+                                h("transfer-encoding"),
+                                h("content-length")
+                            );
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let mut out = head.into_bytes();
+                            out.extend_from_slice(&body);
+                            hyper::Response::new(full(out))
+                        }
+                    };
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that answers one request per connection and then closes
+/// it without saying so: pooled connections go stale under the proxy.
+async fn one_shot_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nshot")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_framing_and_stale_connections() {
+    let (proxy, http, _) = start_proxy().await;
+    let (f, shot) = (framing_upstream().await, one_shot_upstream().await);
+    let mut objs = Objects::default();
+    class(&mut objs);
+    service(&mut objs, "f", &[f]);
+    service(&mut objs, "shot", &[shot]);
+    objs.ingresses.insert(
+        "d/web".into(),
+        json!({"metadata": {"name": "web", "namespace": "d"},
+               "spec": {"rules": [{"host": "f.test", "http": {"paths": [path("/", "f")]}},
+                                  {"host": "shot.test", "http": {"paths": [path("/", "shot")]}}]}}),
+    );
+    build(&proxy, &objs, &mut CertCache::default());
+
+    // Several requests on one client connection (and so on pooled
+    // upstream connections), each framing in turn.
+    let s = TcpStream::connect(http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for round in 0..3 {
+        let req = |method: &str, path: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "f.test")
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap()
+        };
+        send.ready().await.unwrap();
+        let resp = send.send_request(req("GET", "/chunked")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            body.len(),
+            4 + 70_000 + 6,
+            "round {round}: chunked body whole"
+        );
+        assert!(body.starts_with(b"one,x") && body.ends_with(b"x,three"));
+
+        send.ready().await.unwrap();
+        let resp = send.send_request(req("GET", "/big")).await.unwrap();
+        assert_eq!(resp.headers()["content-length"], "1048576");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.len() == 1 << 20 && body.iter().all(|b| *b == b'b'));
+
+        send.ready().await.unwrap();
+        let resp = send.send_request(req("HEAD", "/big")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-length"],
+            "1048576",
+            "HEAD keeps the length"
+        );
+        assert!(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .is_empty()
+        );
+
+        send.ready().await.unwrap();
+        let resp = send.send_request(req("GET", "/nothing")).await.unwrap();
+        assert_eq!(resp.status(), 204);
+
+        send.ready().await.unwrap();
+        let resp = send.send_request(req("GET", "/close")).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"closing");
+
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::post("/echo")
+                    .header("host", "f.test")
+                    .body(http_body_util::Full::new(Bytes::from_static(b"fixed body")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"POST te= cl=10 body=fixed body");
+    }
+
+    // A body of unknown length (the client streams it) goes chunked.
+    let s = TcpStream::connect(http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+        Ok(hyper::body::Frame::data(Bytes::from_static(b"streamed "))),
+        Ok(hyper::body::Frame::data(Bytes::from_static(b"body"))),
+    ];
+    let resp = send
+        .send_request(
+            Request::post("/echo")
+                .header("host", "f.test")
+                .body(http_body_util::StreamBody::new(futures::stream::iter(
+                    frames,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"POST te=chunked cl= body=streamed body");
+
+    // Every pooled connection to this upstream is dead by the next
+    // request: each must still be answered (a fresh connection).
+    for i in 0..10 {
+        let (code, body) = get(http, "shot.test", "/").await;
+        assert_eq!((code, body.as_str()), (200, "shot"), "request {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_rejection_does_not_wait_for_the_request_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads the head, answers 413 and stops reading (keeps the socket).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let (proxy, http, _) = start_proxy().await;
+    let mut objs = Objects::default();
+    class(&mut objs);
+    service(&mut objs, "up", &[up]);
+    objs.ingresses.insert(
+        "d/web".into(),
+        json!({"metadata": {"name": "web", "namespace": "d"},
+               "spec": {"rules": [{"http": {"paths": [path("/", "up")]}}]}}),
+    );
+    build(&proxy, &objs, &mut CertCache::default());
+    let s = TcpStream::connect(http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/upload")
+        .header("host", "x.test")
+        .body(http_body_util::Full::new(Bytes::from(vec![b'u'; 32 << 20])))
+        .unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("the 413 arrives while the body is still unsent")
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_not_shared_between_proxies() {
+    // The workers' SO_REUSEPORT listeners must not let a second proxy
+    // join a port another proxy (or anything else) already serves.
+    let (_a, http, https) = start_proxy().await;
+    let args = skep_ingress::IngressArgs {
+        no_ingress: false,
+        ingress_http_listen: skep_ingress::Listen(Some(http)),
+        ingress_https_listen: skep_ingress::Listen(Some(https)),
+        ingress_metrics_listen: "off".parse().unwrap(),
+        ingress_workers: 2,
+    };
+    let bound = skep_ingress::serve(skep_ingress::new_proxy(), &args).await;
+    assert_eq!(
+        (bound.http, bound.https),
+        (None, None),
+        "the second proxy must fail to bind"
+    );
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let args = skep_ingress::IngressArgs {
+        ingress_http_listen: skep_ingress::Listen(Some(other.local_addr().unwrap())),
+        ingress_https_listen: "off".parse().unwrap(),
+        ..args
+    };
+    let bound = skep_ingress::serve(skep_ingress::new_proxy(), &args).await;
+    assert_eq!(bound.http, None, "a port held by another socket");
 }

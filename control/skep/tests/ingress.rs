@@ -340,6 +340,26 @@ fn ingress_routes_terminates_tls_rotates_and_reloads_without_dropping_requests()
             "{.status.loadBalancer.ingress[0].ip}",
         ) == node_ip
     });
+    // The status writer follows watches (no polling): new Ingresses get
+    // the address within a watch round-trip, well under the old 3 s pass.
+    for probe in ["status-probe-1", "status-probe-2"] {
+        c.apply(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: {probe}, namespace: default}}\nspec:\n  rules: [{{host: {probe}.test, http: {{paths: [{{path: /, pathType: Prefix, backend: {{service: {{name: beta, port: {{number: 8000}}}}}}}}]}}}}]\n"
+        ));
+        c.wait_for(
+            &format!("{probe} status within 1.5 s"),
+            Duration::from_millis(1500),
+            |c| {
+                c.jsonpath(
+                    "default",
+                    &format!("ingress/{probe}"),
+                    "{.status.loadBalancer.ingress[0].ip}",
+                ) == node_ip
+            },
+        );
+        let out = c.kubectl(&["-n", "default", "delete", "ingress", probe]);
+        assert!(out.status.success(), "delete {probe}");
+    }
 
     // TLS from a Secret, chosen by SNI and verified by the client.
     let pki = Pki::new();
@@ -377,6 +397,8 @@ spec:
         }
     };
     wait_leaf(&der1, "the Secret's certificate over h2");
+    // Plain HTTP to a host listed under spec.tls is redirected to HTTPS.
+    wait_route(&c, "secure.test", "/x?y=1", 308, "redirecting to HTTPS");
     // Rotation: a new certificate in the same Secret, no restart.
     let (crt2, key2, der2) = pki.leaf("secure.test");
     assert_ne!(der1, der2);
