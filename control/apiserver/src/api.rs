@@ -22,6 +22,8 @@ pub struct Api {
     pub registry: Registry,
     /// Address clients reach the server at (for `/api` discovery).
     pub server_address: String,
+    /// The global-default PriorityClass, looked up at most once a second.
+    pub(crate) default_priority: crate::pod_admission::DefaultClassCache,
 }
 
 /// Query parameters of a request.
@@ -151,6 +153,7 @@ impl Api {
             store,
             registry: Registry::builtin(),
             server_address,
+            default_priority: Default::default(),
         }
     }
 
@@ -560,6 +563,17 @@ impl Api {
     /// current object to the requested one; the write is a compare-and-swap
     /// on the revision read, retried when someone else wrote in between
     /// (unless the client pinned a resourceVersion).
+    /// Read-modify-write of one object with retries on conflict: `change`
+    /// gets the current object and returns the next one (or refuses).
+    pub async fn update_with<F>(&self, r: &ResourceRoute, change: F) -> Result<Value, ApiError>
+    where
+        F: Fn(&Value) -> Result<Value, ApiError>,
+    {
+        let name = r.name.clone().unwrap_or_default();
+        self.write_update(r, &name, &Query::new(), None, change)
+            .await
+    }
+
     async fn write_update<F>(
         &self,
         r: &ResourceRoute,

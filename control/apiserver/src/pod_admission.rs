@@ -150,9 +150,34 @@ async fn find_class(api: &Api, name: &str) -> Result<Option<(i64, String)>, ApiE
         .map(|(_, v, _)| (*v, "PreemptLowerPriority".to_owned())))
 }
 
+/// The global-default class (name, value, policy) as last looked up.
+type DefaultClass = Option<(String, i64, String)>;
+
+/// How long a global-default lookup is reused. Upstream's admission reads
+/// classes from an informer, so it too may lag a new class briefly; this
+/// keeps a list query off every pod creation.
+const DEFAULT_CLASS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+pub struct DefaultClassCache(std::sync::Mutex<Option<(std::time::Instant, DefaultClass)>>);
+
 /// The class marked `globalDefault` (the lowest-valued one if several
 /// are, as upstream picks).
-async fn global_default(api: &Api) -> Result<Option<(String, i64, String)>, ApiError> {
+async fn global_default(api: &Api) -> Result<DefaultClass, ApiError> {
+    if let Ok(cached) = api.default_priority.0.lock()
+        && let Some((at, class)) = cached.as_ref()
+        && at.elapsed() < DEFAULT_CLASS_TTL
+    {
+        return Ok(class.clone());
+    }
+    let class = lookup_global_default(api).await?;
+    if let Ok(mut cached) = api.default_priority.0.lock() {
+        *cached = Some((std::time::Instant::now(), class.clone()));
+    }
+    Ok(class)
+}
+
+async fn lookup_global_default(api: &Api) -> Result<DefaultClass, ApiError> {
     let Some(route) = class_route(api) else {
         return Ok(None);
     };

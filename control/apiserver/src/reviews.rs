@@ -170,21 +170,25 @@ pub async fn bind(api: &Api, r: &ResourceRoute, binding: Value) -> Result<Value,
         subresource: None,
         ..r.clone()
     };
-    let current = api.get(&pods).await?;
-    if current
-        .pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .is_some_and(|n| !n.is_empty())
-    {
-        return Err(ApiError::Conflict {
-            resource: "pods".into(),
-            name,
-            detail: "pod is already assigned to a node".into(),
-        });
-    }
-    let patch = json!({"spec": {"nodeName": node}});
-    api.patch(&pods, patch, crate::api::PatchType::Merge, &Query::new())
-        .await?;
+    // One read-modify-write: the check and the assignment see the same
+    // version (a concurrent binding makes this one retry and fail).
+    api.update_with(&pods, |current| {
+        if current
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+        {
+            return Err(ApiError::Conflict {
+                resource: "pods".into(),
+                name: name.clone(),
+                detail: "pod is already assigned to a node".into(),
+            });
+        }
+        let mut next = current.clone();
+        next["spec"]["nodeName"] = json!(node);
+        Ok(next)
+    })
+    .await?;
     Ok(
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
     )

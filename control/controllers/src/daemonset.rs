@@ -48,6 +48,7 @@ pub struct DaemonSetController {
     sets: Arc<Informer>,
     pods: Arc<Informer>,
     nodes: Arc<Informer>,
+    revisions: Arc<Informer>,
     written: OwnWrites,
 }
 
@@ -72,6 +73,8 @@ impl DaemonSetController {
             sets: informers.get_or_create(client.info(DAEMON_SETS)?),
             pods: informers.get_or_create(client.info(PODS)?),
             nodes: informers.get_or_create(client.info(NODES)?),
+            revisions: informers
+                .get_or_create(client.info(crate::revisions::CONTROLLER_REVISIONS)?),
             written: OwnWrites::default(),
         });
         let q = queue.clone();
@@ -93,14 +96,16 @@ impl DaemonSetController {
                 q.add(meta::key(&ds));
             }
         }));
-        let q = queue.clone();
-        c.pods.on_change(Arc::new(move |ch: &Change| {
-            for p in [&ch.old, &ch.new].into_iter().flatten() {
-                if let Some(owner) = meta::controller_key(p, "DaemonSet") {
-                    q.add(owner);
+        for inf in [&c.pods, &c.revisions] {
+            let q = queue.clone();
+            inf.on_change(Arc::new(move |ch: &Change| {
+                for p in [&ch.old, &ch.new].into_iter().flatten() {
+                    if let Some(owner) = meta::controller_key(p, "DaemonSet") {
+                        q.add(owner);
+                    }
                 }
-            }
-        }));
+            }));
+        }
         Ok(crate::runner::spawn(c, queue, 2))
     }
 
@@ -196,6 +201,16 @@ impl Reconciler for DaemonSetController {
         let ns = meta::namespace(&ds).unwrap_or("default").to_owned();
         let template = ds.pointer("/spec/template").cloned().unwrap_or(json!({}));
         let hash = template_hash(&template, 0);
+        // The template's ControllerRevision (what `kubectl rollout
+        // history/undo ds` read and apply).
+        let current_revision = crate::revisions::ensure_current(
+            &self.client,
+            &self.revisions,
+            &ds,
+            "DaemonSet",
+            &hash,
+        )
+        .await?;
         let mut by_node: BTreeMap<String, Vec<Arc<Value>>> = BTreeMap::new();
         for p in self.pods.list_ns(&ns) {
             if meta::controller_uid(&p) == Some(uid.as_str())
@@ -290,6 +305,20 @@ impl Reconciler for DaemonSetController {
                 }
             }
         }
+        // Revisions still worn by a pod are kept beyond the history limit.
+        let mut in_use: std::collections::HashSet<String> = self
+            .pods
+            .list_ns(&ns)
+            .iter()
+            .filter(|p| meta::controller_uid(p) == Some(uid.as_str()))
+            .filter_map(|p| {
+                meta::labels(p)
+                    .get(HASH_LABEL)
+                    .map(|h| format!("{}-{h}", meta::name(&ds)))
+            })
+            .collect();
+        in_use.insert(current_revision);
+        crate::revisions::prune(&self.client, &self.revisions, &ds, &in_use).await?;
         let old_status = ds.get("status").cloned().unwrap_or(json!({}));
         let mut status = old_status.clone();
         status["desiredNumberScheduled"] = json!(desired);

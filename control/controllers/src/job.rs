@@ -60,6 +60,65 @@ pub fn format_indexes(idx: &BTreeSet<i64>) -> String {
     out.join(",")
 }
 
+/// When a pod finished: its containers' latest `finishedAt`, else its
+/// Ready condition's last transition, else its creation.
+fn finish_time(p: &Value) -> Option<chrono::DateTime<chrono::Utc>> {
+    let parse = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    };
+    let from_containers = p
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            c.pointer("/state/terminated/finishedAt")
+                .and_then(Value::as_str)
+                .and_then(parse)
+        })
+        .max();
+    from_containers
+        .or_else(|| {
+            meta::condition(p, "Ready")
+                .and_then(|c| c.get("lastTransitionTime"))
+                .and_then(Value::as_str)
+                .and_then(parse)
+        })
+        .or_else(|| {
+            p.pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str)
+                .and_then(parse)
+        })
+}
+
+const BACKOFF_BASE: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(360);
+
+/// How long replacements must still wait: failures since the latest
+/// success n ≥ 1 → 10 s × 2^(n−1) (at most 6 min) after the last one.
+fn retry_backoff_left(pods: &[Arc<Value>], now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let last_success = pods
+        .iter()
+        .filter(|p| meta::pod_phase(p) == "Succeeded")
+        .filter_map(|p| finish_time(p))
+        .max();
+    let failures: Vec<chrono::DateTime<chrono::Utc>> = pods
+        .iter()
+        .filter(|p| meta::pod_phase(p) == "Failed")
+        .filter_map(|p| finish_time(p))
+        .filter(|t| last_success.is_none_or(|s| *t > s))
+        .collect();
+    let last = *failures.iter().max()?;
+    let n = failures.len() as u32;
+    let delay = BACKOFF_BASE
+        .saturating_mul(1u32 << (n - 1).min(16))
+        .min(BACKOFF_MAX);
+    let elapsed = (now - last).to_std().unwrap_or(Duration::ZERO);
+    delay.checked_sub(elapsed).filter(|d| !d.is_zero())
+}
+
 fn finished(j: &Value) -> Option<&str> {
     ["Complete", "Failed"]
         .into_iter()
@@ -306,6 +365,15 @@ impl Reconciler for JobController {
                     self.delete_pods(key, &active[want..]).await?;
                 }
             }
+            // Failed pods are replaced after upstream's back-off: 10 s
+            // doubling per failure since the last success, at most 6 min.
+            let mut backoff_left = None;
+            if !to_create.is_empty()
+                && let Some(wait) = retry_backoff_left(&pods, now)
+            {
+                to_create.clear();
+                backoff_left = Some(wait);
+            }
             for idx in to_create {
                 let out = self
                     .client
@@ -323,6 +391,12 @@ impl Reconciler for JobController {
             }
             if let Some(ads) = spec_i64(&job, "activeDeadlineSeconds") {
                 requeue = Requeue::After(Duration::from_secs(ads.max(1) as u64));
+            }
+            if let Some(wait) = backoff_left {
+                requeue = match requeue {
+                    Requeue::After(d) if d < wait => Requeue::After(d),
+                    _ => Requeue::After(wait),
+                };
             }
         }
 
@@ -391,6 +465,29 @@ impl Reconciler for JobController {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_pods_are_replaced_after_a_doubling_delay() {
+        let now = chrono::Utc::now();
+        let at = |secs_ago: i64, phase: &str| {
+            Arc::new(
+                json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"},
+                "status": {"phase": phase, "containerStatuses": [{"state": {"terminated": {
+                    "finishedAt": (now - chrono::TimeDelta::seconds(secs_ago)).to_rfc3339()}}}]}}),
+            )
+        };
+        // One failure 3 s ago: 7 s left of 10.
+        let left = retry_backoff_left(&[at(3, "Failed")], now).unwrap();
+        assert!(left > Duration::from_secs(6) && left <= Duration::from_secs(7));
+        // Two failures, the last 15 s ago: 20 s delay, 5 s left.
+        let left = retry_backoff_left(&[at(40, "Failed"), at(15, "Failed")], now).unwrap();
+        assert!(left > Duration::from_secs(4) && left <= Duration::from_secs(5));
+        // Waited long enough.
+        assert!(retry_backoff_left(&[at(11, "Failed")], now).is_none());
+        // A success after the failures resets the count.
+        assert!(retry_backoff_left(&[at(5, "Failed"), at(2, "Succeeded")], now).is_none());
+        assert!(retry_backoff_left(&[at(2, "Succeeded")], now).is_none());
+    }
 
     #[test]
     fn indexes_compress_to_ranges() {

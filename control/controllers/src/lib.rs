@@ -34,6 +34,7 @@ pub mod pv_binder;
 pub mod quantity;
 pub mod queue;
 pub mod replicaset;
+pub mod revisions;
 pub mod runner;
 pub mod scheduler;
 pub mod serviceaccount;

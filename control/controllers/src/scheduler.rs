@@ -531,6 +531,8 @@ struct Accounting {
     assumed: HashSet<String>,
     per_node: HashMap<String, Resources>,
     nodes: BTreeMap<String, Arc<NodeInfo>>,
+    /// `nodes` in order, shared with decisions; rebuilt after a change.
+    node_list: Option<Arc<Vec<Arc<NodeInfo>>>>,
     /// Pods with required anti-affinity: every decision must respect
     /// them (symmetry), not only theirs.
     anti: HashSet<String>,
@@ -674,20 +676,8 @@ impl Scheduler {
         let weak = Arc::downgrade(&s);
         s.nodes.on_change(Arc::new(move |ch: &Change| {
             let Some(s) = weak.upgrade() else { return };
-            if let Ok(mut a) = s.acct.lock() {
-                match &ch.new {
-                    Some(n) => {
-                        let info = NodeInfo::new(n.clone());
-                        a.nodes.insert(info.name.clone(), Arc::new(info));
-                    }
-                    None => {
-                        if let Some(o) = &ch.old {
-                            a.nodes.remove(meta::name(o));
-                        }
-                    }
-                }
-            }
-            // Heartbeats change nothing a filter looks at.
+            // Heartbeats change nothing a filter or score looks at: the
+            // parsed node stays as it is.
             let relevant = |n: &Value| {
                 (
                     n.get("spec").cloned(),
@@ -700,6 +690,20 @@ impl Scheduler {
                 && relevant(o) == relevant(n)
             {
                 return;
+            }
+            if let Ok(mut a) = s.acct.lock() {
+                match &ch.new {
+                    Some(n) => {
+                        let info = NodeInfo::new(n.clone());
+                        a.nodes.insert(info.name.clone(), Arc::new(info));
+                    }
+                    None => {
+                        if let Some(o) = &ch.old {
+                            a.nodes.remove(meta::name(o));
+                        }
+                    }
+                }
+                a.node_list = None;
             }
             s.requeue_pending();
         }));
@@ -761,7 +765,14 @@ impl Scheduler {
         if a.assumed.contains(key) {
             return None;
         }
-        let nodes: Vec<Arc<NodeInfo>> = a.nodes.values().cloned().collect();
+        let nodes = match &a.node_list {
+            Some(list) => list.clone(),
+            None => {
+                let list = Arc::new(a.nodes.values().cloned().collect::<Vec<_>>());
+                a.node_list = Some(list.clone());
+                list
+            }
+        };
         let total = nodes.len();
         let want = nodes_to_find(total);
         let start = if total == 0 { 0 } else { a.next_start % total };

@@ -8,7 +8,9 @@
 //! Parallel: all at once. RollingUpdate replaces pods whose revision
 //! (`controller-revision-hash` = `<set>-<template hash>`) is not the
 //! current template's, highest ordinal first, one at a time, only while
-//! every other pod is Running and Ready, and only ordinals ≥ `partition`.
+//! every other pod is Running and Ready, and only ordinals ≥ `partition`;
+//! a pod below the partition that must be recreated gets the current
+//! revision's template, kept in its ControllerRevision (`revisions`).
 //! OnDelete leaves replacement to the user.
 
 use crate::{
@@ -36,6 +38,7 @@ pub struct StatefulSetController {
     client: Client,
     sets: Arc<Informer>,
     pods: Arc<Informer>,
+    revisions: Arc<Informer>,
     written: OwnWrites,
 }
 
@@ -58,6 +61,8 @@ impl StatefulSetController {
             client: client.clone(),
             sets: informers.get_or_create(client.info(STATEFUL_SETS)?),
             pods: informers.get_or_create(client.info(PODS)?),
+            revisions: informers
+                .get_or_create(client.info(crate::revisions::CONTROLLER_REVISIONS)?),
             written: OwnWrites::default(),
         });
         let q = queue.clone();
@@ -66,14 +71,16 @@ impl StatefulSetController {
                 q.add(meta::key(o));
             }
         }));
-        let q = queue.clone();
-        c.pods.on_change(Arc::new(move |ch: &Change| {
-            for p in [&ch.old, &ch.new].into_iter().flatten() {
-                if let Some(owner) = meta::controller_key(p, "StatefulSet") {
-                    q.add(owner);
+        for inf in [&c.pods, &c.revisions] {
+            let q = queue.clone();
+            inf.on_change(Arc::new(move |ch: &Change| {
+                for p in [&ch.old, &ch.new].into_iter().flatten() {
+                    if let Some(owner) = meta::controller_key(p, "StatefulSet") {
+                        q.add(owner);
+                    }
                 }
-            }
-        }));
+            }));
+        }
         Ok(crate::runner::spawn(c, queue, 2))
     }
 
@@ -195,7 +202,41 @@ impl Reconciler for StatefulSetController {
             .and_then(Value::as_str)
             != Some("Parallel");
         let template = sts.pointer("/spec/template").cloned().unwrap_or(json!({}));
-        let update_rev = format!("{set}-{}", template_hash(&template, 0));
+        let update_rev = crate::revisions::ensure_current(
+            &self.client,
+            &self.revisions,
+            &sts,
+            "StatefulSet",
+            &template_hash(&template, 0),
+        )
+        .await?;
+        let old_status = sts.get("status").cloned().unwrap_or(json!({}));
+        let status_current = old_status
+            .get("currentRevision")
+            .and_then(Value::as_str)
+            .unwrap_or(&update_rev)
+            .to_owned();
+        let rolling = sts
+            .pointer("/spec/updateStrategy/type")
+            .and_then(Value::as_str)
+            != Some("OnDelete");
+        let partition = sts
+            .pointer("/spec/updateStrategy/rollingUpdate/partition")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        // Below the partition a recreated pod keeps the current revision's
+        // template, read back from its ControllerRevision (upstream's
+        // newVersionedStatefulSetPod).
+        let current_set: Option<Value> = (rolling && status_current != update_rev)
+            .then(|| {
+                let r = crate::revisions::owned(&self.revisions, &sts)
+                    .into_iter()
+                    .find(|r| meta::name(r) == status_current)?;
+                let mut old = (*sts).clone();
+                old["spec"]["template"] = crate::revisions::template(&r)?;
+                Some(old)
+            })
+            .flatten();
         let mut pods: BTreeMap<i64, Arc<Value>> = BTreeMap::new();
         for p in self.pods.list_ns(&ns) {
             if meta::controller_uid(&p) == Some(uid.as_str())
@@ -239,11 +280,11 @@ impl Reconciler for StatefulSetController {
             match pods.get(&ord) {
                 None => {
                     self.create_claims(&sts, ord).await?;
-                    match self
-                        .client
-                        .create(PODS, Some(&ns), Self::pod_for(&sts, ord, &update_rev))
-                        .await
-                    {
+                    let pod = match &current_set {
+                        Some(old) if ord < partition => Self::pod_for(old, ord, &status_current),
+                        _ => Self::pod_for(&sts, ord, &update_rev),
+                    };
+                    match self.client.create(PODS, Some(&ns), pod).await {
                         Ok(out) => {
                             self.written.note(key, meta::resource_version(&out));
                             self.client.event(
@@ -281,14 +322,6 @@ impl Reconciler for StatefulSetController {
         }
 
         // Rolling update: one stale pod at a time, highest ordinal first.
-        let rolling = sts
-            .pointer("/spec/updateStrategy/type")
-            .and_then(Value::as_str)
-            != Some("OnDelete");
-        let partition = sts
-            .pointer("/spec/updateStrategy/rollingUpdate/partition")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
         let in_range: Vec<&Arc<Value>> = pods.range(..replicas).map(|(_, p)| p).collect();
         if rolling
             && in_range.len() as i64 == replicas
@@ -306,15 +339,15 @@ impl Reconciler for StatefulSetController {
         let live: Vec<&Arc<Value>> = pods.values().filter(|p| !meta::is_deleting(p)).collect();
         let ready = live.iter().filter(|p| meta::pod_ready(p)).count();
         let updated = live.iter().filter(|p| rev_of(p) == update_rev).count();
-        let old_status = sts.get("status").cloned().unwrap_or(json!({}));
-        let mut current_rev = old_status
-            .get("currentRevision")
-            .and_then(Value::as_str)
-            .unwrap_or(&update_rev)
-            .to_owned();
+        let mut current_rev = status_current.clone();
         if updated as i64 == replicas && live.len() as i64 == replicas {
             current_rev = update_rev.clone();
         }
+        let mut in_use: std::collections::HashSet<String> =
+            live.iter().map(|p| rev_of(p)).collect();
+        in_use.insert(current_rev.clone());
+        in_use.insert(update_rev.clone());
+        crate::revisions::prune(&self.client, &self.revisions, &sts, &in_use).await?;
         let current = live.iter().filter(|p| rev_of(p) == current_rev).count();
         let mut status = old_status.clone();
         status["observedGeneration"] = json!(meta::generation(&sts));

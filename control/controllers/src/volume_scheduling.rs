@@ -155,6 +155,9 @@ pub fn plan(
 
 /// The first reason `node` cannot host the planned claims, if any.
 pub fn node_misfit(plans: &[ClaimPlan], node: &Value) -> Option<VolumeMisfit> {
+    if plans.is_empty() {
+        return None;
+    }
     let name = meta::name(node);
     for p in plans {
         match p {

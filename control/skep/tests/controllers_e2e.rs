@@ -1324,6 +1324,25 @@ spec:
         (images(&pods) == vec!["registry.example/agent:v2"; 3]).then_some(())
     });
     assert_eq!(nodes_of(), ["a", "b", "c"]);
+
+    // History and undo through ControllerRevisions.
+    let history = s.k(V, &["-n", "ds", "rollout", "history", "ds/agent"]);
+    assert!(
+        history.contains("\n1 ") && history.contains("\n2 "),
+        "{history}"
+    );
+    let out = s.k(V, &["-n", "ds", "rollout", "undo", "ds/agent"]);
+    assert!(out.contains("rolled back"), "{out}");
+    eventually(60, "v1 back on every node", || {
+        let pods = items(&s, &["-n", "ds", "get", "pods", "-l", "app=agent"]);
+        (images(&pods) == vec!["registry.example/agent:v1"; 3]).then_some(())
+    });
+    // The restored template is the newest revision again.
+    let history = s.k(V, &["-n", "ds", "rollout", "history", "ds/agent"]);
+    assert!(
+        history.contains("\n2 ") && history.contains("\n3 ") && !history.contains("\n1 "),
+        "{history}"
+    );
 }
 
 #[test]
@@ -1430,6 +1449,24 @@ spec:
     assert_eq!(image_of("db-2"), "registry.example/db:v2");
     assert_eq!(image_of("db-1"), "registry.example/db:v1");
     assert_eq!(image_of("db-0"), "registry.example/db:v1");
+    // A pod below the partition that is deleted comes back at the current
+    // revision (its template kept in a ControllerRevision), not the new one.
+    let revisions = items(&s, &["-n", "sts", "get", "controllerrevisions"]);
+    assert_eq!(revisions.len(), 2, "{revisions:?}");
+    let uid1 = s.json(V, &["-n", "sts", "get", "pod", "db-1"])["metadata"]["uid"].clone();
+    s.k(V, &["-n", "sts", "delete", "pod", "db-1"]);
+    eventually(30, "db-1 recreated below the partition", || {
+        let out = s.kubectl(V, &["-n", "sts", "get", "pod", "db-1", "-o", "json"]);
+        let p: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (p["metadata"]["uid"] != uid1 && p["status"]["phase"] == "Running").then_some(())
+    });
+    assert_eq!(image_of("db-1"), "registry.example/db:v1");
+    let st = s.json(V, &["-n", "sts", "get", "sts", "db"]);
+    assert_eq!(
+        s.json(V, &["-n", "sts", "get", "pod", "db-1"])["metadata"]["labels"]["controller-revision-hash"],
+        st["status"]["currentRevision"],
+        "{st}"
+    );
 
     // Partition 0: the rest follow, highest first.
     s.k(
