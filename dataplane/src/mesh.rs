@@ -1,15 +1,19 @@
 //! [mesh] kernel side in userspace: the outbound capture `mesh_connect4`
-//! on a meshed pod's cgroup v2 directory, and the table of local meshed
-//! pods (`SKEP_MESH_PODS`: the sidecars' "is the destination meshed" and
-//! to_pod's strict-mode refusal).
+//! and its companion `mesh_getpeername4` on a meshed pod's cgroup v2
+//! directory, and the table of local meshed pods (`SKEP_MESH_PODS`: the
+//! sidecars' "is the destination meshed" and to_pod's strict-mode
+//! refusal).
 //!
-//! The load balancer's loader loads `mesh_connect4` with the rest of the
-//! object (same maps: it resolves Services itself, see the program) and
-//! pins it at `<root>/progs/mesh_connect4`; attaching works from that pin
-//! alone and pins the link as `<root>/links/cgroup-<path>-mesh_connect4`,
-//! so captures outlive an agent restart and a new loader's program
-//! replaces the old one in place (BPF_LINK_UPDATE). cgroup links need
-//! Linux ≥ 5.7.
+//! The load balancer's loader loads both programs with the rest of the
+//! object (same maps: `mesh_connect4` resolves Services itself, see the
+//! program) and pins them at `<root>/progs/<name>`; attaching works from
+//! those pins alone and pins each link as
+//! `<root>/links/cgroup-<path>-<name>`, so captures outlive an agent
+//! restart and a new loader's program replaces the old one in place
+//! (BPF_LINK_UPDATE). cgroup links need Linux ≥ 5.7; `mesh_getpeername4`
+//! (the app's getpeername() shows the original destination, not the
+//! sidecar) needs 5.8 and is left out, with a warning, where the kernel
+//! refuses it: the capture works without it.
 
 use std::{
     net::Ipv4Addr,
@@ -23,27 +27,36 @@ use skep_ebpf_common::{MESH_POD_F_MESHED, MESH_POD_F_STRICT, MeshOrigDst, MeshPo
 use crate::{DataplaneError, sys};
 
 const PROGRAM: &str = names::PROG_MESH_CONNECT4;
+/// cgroup/getpeername4 of the capture (ebpf/programs/src/mesh_getpeername4.rs).
+pub const PROG_MESH_GETPEERNAME4: &str = "mesh_getpeername4";
 /// `BPF_CGROUP_INET4_CONNECT` of enum bpf_attach_type.
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+/// `BPF_CGROUP_INET4_GETPEERNAME` of enum bpf_attach_type.
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 
-/// Loads `mesh_connect4` from the loader's object and pins it at
-/// `<root>/progs/mesh_connect4`, replacing an older loader's pin.
-pub(crate) fn load_and_pin(ebpf: &mut aya::Ebpf, root: &Path) -> Result<(), DataplaneError> {
+/// The capture's programs and their attach types; the first is required,
+/// the others are attached when their pin exists.
+const PROGRAMS: [(&str, u32); 2] = [
+    (PROGRAM, BPF_CGROUP_INET4_CONNECT),
+    (PROG_MESH_GETPEERNAME4, BPF_CGROUP_INET4_GETPEERNAME),
+];
+
+fn load_one(ebpf: &mut aya::Ebpf, root: &Path, name: &'static str) -> Result<(), DataplaneError> {
     let prog: &mut aya::programs::CgroupSockAddr = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(DataplaneError::ProgramNotFound(PROGRAM))?
+        .program_mut(name)
+        .ok_or(DataplaneError::ProgramNotFound(name))?
         .try_into()
         .map_err(
             |e: aya::programs::ProgramError| DataplaneError::ProgramLoad {
-                program: PROGRAM,
+                program: name,
                 detail: e.to_string(),
             },
         )?;
     prog.load().map_err(|e| DataplaneError::ProgramLoad {
-        program: PROGRAM,
+        program: name,
         detail: format!("{e:#}"),
     })?;
-    let pin = root.join("progs").join(PROGRAM);
+    let pin = root.join("progs").join(name);
     if pin.exists() {
         let _ = std::fs::remove_file(&pin);
     }
@@ -53,8 +66,21 @@ pub(crate) fn load_and_pin(ebpf: &mut aya::Ebpf, root: &Path) -> Result<(), Data
     })
 }
 
-/// The link pin of a cgroup directory's capture.
-pub fn link_pin(pin_root: &Path, cgroup: &Path) -> PathBuf {
+/// Loads `mesh_connect4` and `mesh_getpeername4` from the loader's object
+/// and pins them at `<root>/progs/<name>`, replacing an older loader's
+/// pins. Only `mesh_connect4` is required.
+pub(crate) fn load_and_pin(ebpf: &mut aya::Ebpf, root: &Path) -> Result<(), DataplaneError> {
+    load_one(ebpf, root, PROGRAM)?;
+    if let Err(e) = load_one(ebpf, root, PROG_MESH_GETPEERNAME4) {
+        // Linux < 5.8 has no getpeername hook: apps of meshed pods then
+        // see the sidecar's address as their peer.
+        tracing::warn!(error = %e, "mesh_getpeername4 not loaded: meshed apps' getpeername() will show 127.0.0.1:15001");
+        let _ = std::fs::remove_file(root.join("progs").join(PROG_MESH_GETPEERNAME4));
+    }
+    Ok(())
+}
+
+fn link_pin_of(pin_root: &Path, cgroup: &Path, program: &str) -> PathBuf {
     let tag: String = cgroup
         .to_string_lossy()
         .chars()
@@ -62,20 +88,44 @@ pub fn link_pin(pin_root: &Path, cgroup: &Path) -> PathBuf {
         .collect();
     pin_root
         .join("links")
-        .join(format!("cgroup-{tag}-{PROGRAM}"))
+        .join(format!("cgroup-{tag}-{program}"))
+}
+
+/// The link pin of a cgroup directory's capture (`mesh_connect4`).
+pub fn link_pin(pin_root: &Path, cgroup: &Path) -> PathBuf {
+    link_pin_of(pin_root, cgroup, PROGRAM)
 }
 
 /// Attaches the outbound capture to a cgroup v2 directory: every process
 /// in it and its descendants has its TCP connects captured (except the
-/// sidecar's marked sockets). Idempotent: an existing attachment is
+/// sidecar's marked sockets), and getpeername() on a captured socket shows
+/// the original destination. Idempotent: an existing attachment is
 /// switched to the newest loader's program.
 pub fn attach(pin_root: &Path, cgroup: &Path) -> Result<(), DataplaneError> {
+    for (i, (program, attach_type)) in PROGRAMS.into_iter().enumerate() {
+        let prog_path = pin_root.join("progs").join(program);
+        if i > 0 && !prog_path.exists() {
+            // Not loaded on this kernel (see load_and_pin).
+            continue;
+        }
+        attach_one(pin_root, cgroup, program, attach_type)?;
+    }
+    tracing::debug!(cgroup = %cgroup.display(), "mesh capture attached");
+    Ok(())
+}
+
+fn attach_one(
+    pin_root: &Path,
+    cgroup: &Path,
+    program: &'static str,
+    attach_type: u32,
+) -> Result<(), DataplaneError> {
     let attach_err = |detail: String| DataplaneError::Attach {
-        program: PROGRAM,
+        program,
         iface: cgroup.display().to_string(),
         detail,
     };
-    let prog_path = pin_root.join("progs").join(PROGRAM);
+    let prog_path = pin_root.join("progs").join(program);
     let prog = sys::obj_get(&prog_path).map_err(|e| DataplaneError::Pin {
         path: prog_path.clone(),
         detail: format!(
@@ -83,7 +133,7 @@ pub fn attach(pin_root: &Path, cgroup: &Path) -> Result<(), DataplaneError> {
              (KernelDatapath::open) loads it and must run first"
         ),
     })?;
-    let pin = link_pin(pin_root, cgroup);
+    let pin = link_pin_of(pin_root, cgroup, program);
     if pin.exists() {
         if let Ok(link) = sys::obj_get(&pin)
             && sys::link_update(link.as_fd(), prog.as_fd()).is_ok()
@@ -98,43 +148,45 @@ pub fn attach(pin_root: &Path, cgroup: &Path) -> Result<(), DataplaneError> {
         .map_err(|e| attach_err(format!("cannot open the cgroup directory: {e}")))?;
     // The link_create target is the cgroup's fd in the slot TC/XDP links
     // use for the ifindex.
-    let link = sys::link_create(
-        prog.as_fd(),
-        dir.as_raw_fd() as u32,
-        BPF_CGROUP_INET4_CONNECT,
-        0,
-    )
-    .map_err(|e| {
-        attach_err(format!(
-            "BPF_LINK_CREATE: {e} (cgroup links need Linux ≥ 5.7)"
-        ))
-    })?;
+    let link =
+        sys::link_create(prog.as_fd(), dir.as_raw_fd() as u32, attach_type, 0).map_err(|e| {
+            attach_err(format!(
+                "BPF_LINK_CREATE: {e} (cgroup links need Linux ≥ 5.7)"
+            ))
+        })?;
     sys::obj_pin(link.as_fd(), &pin).map_err(|e| DataplaneError::Pin {
         path: pin.clone(),
         detail: e.to_string(),
-    })?;
-    tracing::debug!(cgroup = %cgroup.display(), "mesh capture attached");
-    Ok(())
+    })
 }
 
-/// Detaches the capture of a cgroup directory now and removes its pin
+/// Detaches the capture of a cgroup directory now and removes its pins
 /// (nothing to do when it was never attached).
 pub fn detach(pin_root: &Path, cgroup: &Path) -> Result<(), DataplaneError> {
-    let pin = link_pin(pin_root, cgroup);
-    let Ok(link) = sys::obj_get(&pin) else {
-        return Ok(());
-    };
-    // Best effort: a link of a removed cgroup is already inert.
-    let _ = sys::link_detach(link.as_fd());
-    std::fs::remove_file(&pin).map_err(|e| DataplaneError::Pin {
-        path: pin.clone(),
-        detail: format!("cannot remove the link pin: {e}"),
-    })
+    // The reverse of attach's order.
+    for (program, _) in PROGRAMS.into_iter().rev() {
+        let pin = link_pin_of(pin_root, cgroup, program);
+        let Ok(link) = sys::obj_get(&pin) else {
+            continue;
+        };
+        // Best effort: a link of a removed cgroup is already inert.
+        let _ = sys::link_detach(link.as_fd());
+        std::fs::remove_file(&pin).map_err(|e| DataplaneError::Pin {
+            path: pin.clone(),
+            detail: format!("cannot remove the link pin: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether a cgroup directory has the capture attached (its pin exists).
 pub fn is_attached(pin_root: &Path, cgroup: &Path) -> bool {
     link_pin(pin_root, cgroup).exists()
+}
+
+/// Whether `mesh_getpeername4` is attached to a cgroup directory.
+pub fn getpeername_attached(pin_root: &Path, cgroup: &Path) -> bool {
+    link_pin_of(pin_root, cgroup, PROG_MESH_GETPEERNAME4).exists()
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> DataplaneError {

@@ -3,7 +3,9 @@
 //! namespace) to 127.0.0.1:15001 and records where it was going under the
 //! socket's cookie, with a ClusterIP already translated to its backend; a
 //! socket marked 0x5ce9 (the sidecar's) is not captured; after `detach`
-//! nothing is. Also runs inside Linux 5.10 (`cargo xtask vm-test`).
+//! nothing is. `mesh_getpeername4` makes a captured socket's getpeername()
+//! answer the original destination (the ClusterIP it dialled, or the pod
+//! address). Also runs inside Linux 5.10 (`cargo xtask vm-test`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -76,6 +78,8 @@ struct Connected {
     errno: i32,
     cookie: u64,
     local_port: u16,
+    /// What getpeername() answered after the connect.
+    peer: SocketAddrV4,
 }
 
 /// Forks a child that joins `cgroup`, enters `netns`, optionally marks its
@@ -99,7 +103,7 @@ fn connect_from_cgroup(cgroup: &Path, netns: &Path, to: SocketAddrV4, mark: u32)
         sin_zero: [0; 8],
     };
     let sa_len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let mut report = [0u8; 16];
+    let mut report = [0u8; 24];
     // SAFETY: fork(2); the child makes raw syscalls only and ends in _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork");
@@ -151,13 +155,18 @@ fn connect_from_cgroup(cgroup: &Path, netns: &Path, to: SocketAddrV4, mark: u32)
             let mut local: libc::sockaddr_in = std::mem::zeroed();
             let mut llen = sa_len;
             libc::getsockname(s, (&raw mut local).cast(), &mut llen);
+            let mut peer: libc::sockaddr_in = std::mem::zeroed();
+            let mut plen = sa_len;
+            libc::getpeername(s, (&raw mut peer).cast(), &mut plen);
             if rc == 0 {
                 libc::write(s, b"hello\n".as_ptr().cast(), 6);
             }
             report[0..4].copy_from_slice(&errno.to_ne_bytes());
             report[4..12].copy_from_slice(&cookie.to_ne_bytes());
             report[12..14].copy_from_slice(&u16::from_be(local.sin_port).to_ne_bytes());
-            if libc::write(pipe[1], report.as_ptr().cast(), 16) != 16 {
+            report[14..16].copy_from_slice(&u16::from_be(peer.sin_port).to_ne_bytes());
+            report[16..20].copy_from_slice(&peer.sin_addr.s_addr.to_ne_bytes());
+            if libc::write(pipe[1], report.as_ptr().cast(), 24) != 24 {
                 libc::_exit(12);
             }
             libc::_exit(0);
@@ -174,16 +183,20 @@ fn connect_from_cgroup(cgroup: &Path, netns: &Path, to: SocketAddrV4, mark: u32)
             "client child failed (status {status:#x})"
         );
     }
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; 24];
     // SAFETY: reading into our buffer; closing our fd.
-    let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), 16) };
+    let n = unsafe { libc::read(pipe[0], buf.as_mut_ptr().cast(), 24) };
     // SAFETY: our fd.
     unsafe { libc::close(pipe[0]) };
-    assert_eq!(n, 16, "short report from the child");
+    assert_eq!(n, 24, "short report from the child");
     Connected {
         errno: i32::from_ne_bytes(buf[0..4].try_into().unwrap()),
         cookie: u64::from_ne_bytes(buf[4..12].try_into().unwrap()),
         local_port: u16::from_ne_bytes(buf[12..14].try_into().unwrap()),
+        peer: SocketAddrV4::new(
+            Ipv4Addr::from(<[u8; 4]>::try_from(&buf[16..20]).unwrap()),
+            u16::from_ne_bytes(buf[14..16].try_into().unwrap()),
+        ),
     }
 }
 
@@ -313,4 +326,127 @@ fn connect4_capture_redirects_records_and_exempts_the_sidecar() {
     let c = connect_from_cgroup(&cgroup.dir, &netns, direct, 0);
     assert_eq!(c.errno, 0);
     assert!(accepted(&listener).is_none(), "captured after detach");
+}
+
+/// The next connection on the (non-blocking) capture listener within a
+/// second: its peer as the accepting side (the sidecar) sees it.
+fn accepted_peer(l: &TcpListener) -> Option<std::net::SocketAddr> {
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        match l.accept() {
+            Ok((_, peer)) => return Some(peer),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    None
+}
+
+/// `mesh_getpeername4`: a captured app socket's getpeername() answers the
+/// original destination (the ClusterIP:port it dialled, or the pod
+/// address), not 127.0.0.1:15001; sockets without a capture record (the
+/// sidecar's marked ones, a direct connect to the sidecar) and the
+/// sidecar's accepted side keep their real addresses.
+#[test]
+fn getpeername4_shows_the_original_destination() {
+    let topo = Topology::new("meshpeer", 2);
+    let app = &topo.pods[0];
+    let backend = &topo.pods[1];
+    let _server = backend.tcp_server(8080);
+    let dp = topo.datapath();
+    let mut lb = LoadBalancer::new(dp).unwrap();
+    lb.resync(vec![Service {
+        name: "mesh/web".into(),
+        vip: VIP,
+        ports: vec![ServicePort {
+            port: 80,
+            protocol: Protocol::Tcp,
+            target_port: 8080,
+            node_port: None,
+        }],
+        endpoints: vec![Endpoint {
+            addr: backend.ip,
+            state: EndpointState::Ready,
+            local: true,
+        }],
+        session_affinity: None,
+        internal_traffic_local: false,
+        external_traffic_local: false,
+        external_ips: Vec::new(),
+    }])
+    .unwrap();
+    let pins = topo.pins.0.clone();
+    let cgroup = TestCgroup::create(&format!("skep-test-{}-meshpeer", std::process::id()));
+    skep_dataplane::mesh::attach(&pins, &cgroup.dir).expect("attach the mesh capture");
+    assert!(
+        skep_dataplane::mesh::getpeername_attached(&pins, &cgroup.dir),
+        "mesh_getpeername4 must be attached with mesh_connect4 (the kernel needs ≥ 5.8; \
+         uname -r: {})",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
+    );
+    let listener = app
+        .ns
+        .run(|| TcpListener::bind("127.0.0.1:15001"))
+        .unwrap()
+        .expect("bind 127.0.0.1:15001 in the pod");
+    listener.set_nonblocking(true).unwrap();
+    let netns = app.ns.path().to_owned();
+    let sidecar = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001);
+
+    // 1. A ClusterIP: the app sees the ClusterIP:port; the sidecar's map
+    //    holds the backend; the sidecar sees the app's real loopback tuple.
+    let front = SocketAddrV4::new(VIP, 80);
+    let c = connect_from_cgroup(&cgroup.dir, &netns, front, 0);
+    assert_eq!(c.errno, 0, "captured connect succeeds");
+    assert_eq!(
+        c.peer, front,
+        "getpeername() of a captured socket dialled to a ClusterIP"
+    );
+    assert_eq!(
+        skep_dataplane::mesh::original_dst(&pins, c.cookie).unwrap(),
+        Some(SocketAddrV4::new(backend.ip, 8080)),
+        "the capture record (what the sidecar reads) is the backend"
+    );
+    assert_eq!(
+        accepted_peer(&listener),
+        Some(std::net::SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::LOCALHOST,
+            c.local_port
+        ))),
+        "the sidecar's accepted socket shows the app socket's real address"
+    );
+
+    // 2. A pod address: the app sees it.
+    let direct = SocketAddrV4::new(backend.ip, 8080);
+    let c = connect_from_cgroup(&cgroup.dir, &netns, direct, 0);
+    assert_eq!(c.errno, 0);
+    assert_eq!(c.peer, direct, "getpeername() of a captured pod connection");
+    assert!(accepted_peer(&listener).is_some(), "pod address captured");
+
+    // 3. The sidecar's own (marked) socket is not captured and shows its
+    //    real peer.
+    let c = connect_from_cgroup(&cgroup.dir, &netns, direct, 0x5ce9);
+    assert_eq!(c.errno, 0);
+    assert_eq!(c.peer, direct);
+    assert!(accepted_peer(&listener).is_none(), "marked socket captured");
+
+    // 4. A socket that dials the sidecar's port itself has no record: its
+    //    peer stays 127.0.0.1:15001.
+    let c = connect_from_cgroup(&cgroup.dir, &netns, sidecar, 0);
+    assert_eq!(c.errno, 0);
+    assert_eq!(
+        c.peer, sidecar,
+        "an unrecorded socket must not be rewritten"
+    );
+    assert!(accepted_peer(&listener).is_some());
+
+    // 5. Detached: both programs are gone.
+    skep_dataplane::mesh::detach(&pins, &cgroup.dir).expect("detach");
+    assert!(!skep_dataplane::mesh::getpeername_attached(
+        &pins,
+        &cgroup.dir
+    ));
+    let c = connect_from_cgroup(&cgroup.dir, &netns, direct, 0);
+    assert_eq!(c.errno, 0);
+    assert_eq!(c.peer, direct);
+    assert!(accepted_peer(&listener).is_none(), "captured after detach");
 }

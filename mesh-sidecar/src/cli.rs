@@ -82,7 +82,18 @@ pub struct SidecarArgs {
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs until SIGTERM or SIGINT, then drains.
+///
+/// Meant for a current-thread runtime: one thread relays every connection
+/// (no cross-thread wake-ups on the request path, one malloc arena).
 pub async fn run(args: SidecarArgs) -> Result<(), Error> {
+    crate::mem::single_malloc_arena();
+    // Parsing the command line of a binary with every role's flags touched
+    // code the sidecar never runs again: release it before the next phase
+    // (getting the first certificate) adds its own, so the two never count
+    // together at the peak.
+    if let Err(e) = crate::mem::release_startup_code() {
+        tracing::debug!(error = %e, "cannot release startup code");
+    }
     let ca_pem = std::fs::read(&args.cluster_ca).map_err(|e| {
         format!(
             "cannot read the cluster CA {}: {e} (in a pod it is {SA_DIR}/ca.crt)",
@@ -126,7 +137,8 @@ pub async fn run(args: SidecarArgs) -> Result<(), Error> {
             meshed: Arc::new(meshed),
         },
     };
-    let sidecar = Sidecar::start(config, identity, seams).await?;
+    let sidecar = Sidecar::start(config, identity.clone(), seams).await?;
+    tokio::spawn(release_startup_code_when_ready(identity));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
@@ -136,4 +148,22 @@ pub async fn run(args: SidecarArgs) -> Result<(), Error> {
     renewal.abort();
     tracing::info!(cut, "sidecar stopped");
     Ok(())
+}
+
+/// Once the first certificate is in, the startup code (argument parsing,
+/// the gRPC client, key generation) is not needed again until the renewal
+/// hours later: drop it from the page tables (see [`crate::mem`]).
+async fn release_startup_code_when_ready(identity: Arc<IdentityStore>) {
+    let mut generation = identity.subscribe();
+    while !identity.is_ready() {
+        if generation.changed().await.is_err() {
+            return;
+        }
+    }
+    // Let the first probes and handshakes that follow readiness finish.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match crate::mem::release_startup_code() {
+        Ok(bytes) => tracing::debug!(bytes, "startup code released"),
+        Err(e) => tracing::debug!(error = %e, "cannot release startup code"),
+    }
 }

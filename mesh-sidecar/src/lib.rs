@@ -21,6 +21,7 @@ pub mod detect;
 pub mod header;
 pub mod identity;
 mod inbound;
+pub mod mem;
 pub mod metrics;
 pub mod net;
 pub mod original_dst;

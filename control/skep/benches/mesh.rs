@@ -31,7 +31,9 @@
 //!   at the maximum rate; then a new connection per request at the
 //!   maximum rate (mTLS handshakes/s). Every run is bounded in time.
 //! * CPU of each proxy from /proc/PID/stat (utime+stime deltas over each
-//!   run), memory from /proc/PID/status (VmRSS after each run, VmHWM).
+//!   run), memory from /proc/PID/status (VmRSS after each run, VmHWM;
+//!   anon/file RSS of the sidecars once ready, before any load, and of
+//!   every proxy at the end; PSS).
 //!
 //! Writes target/bench/mesh.json. SKEP_MESH_BENCH_SECS (default 10) sets
 //! the length of each run.
@@ -963,6 +965,19 @@ fn main() {
     println!(
         "mesh benchmark: {CONNECTIONS} connections, {secs} s per run ({handshake_secs} s for handshakes); capture: iptables REDIRECT + SO_ORIGINAL_DST"
     );
+    // Before any load: what starting up left resident (anon + file).
+    let idle_mem: Vec<(f64, f64)> = [sidecar_client.0.id(), sidecar_server.0.id()]
+        .map(|pid| (status_mb(pid, "RssAnon:"), status_mb(pid, "RssFile:")))
+        .to_vec();
+    println!(
+        "skep sidecars ready, before load: anon+file {:.1}+{:.1} / {:.1}+{:.1} MB (client / server); VmHWM {:.1} / {:.1} MB",
+        idle_mem[0].0,
+        idle_mem[0].1,
+        idle_mem[1].0,
+        idle_mem[1].1,
+        status_mb(sidecar_client.0.id(), "VmHWM:"),
+        status_mb(sidecar_server.0.id(), "VmHWM:"),
+    );
     // Warm-up (not recorded): code paths, allocators, session caches.
     for p in Route::ALL {
         bench.run(p, Load::Max, 2);
@@ -997,6 +1012,10 @@ fn main() {
         "stunnel_client_hwm_mb": round(hwm(stunnel_client.0.id())),
         "stunnel_server_hwm_mb": round(hwm(stunnel_server.0.id())),
     });
+    for (i, side) in ["client", "server"].into_iter().enumerate() {
+        mem[format!("skep_{side}_ready_rss_anon_mb")] = json!(round(idle_mem[i].0));
+        mem[format!("skep_{side}_ready_rss_file_mb")] = json!(round(idle_mem[i].1));
+    }
     // What the resident memory is made of at the end: the binary's pages
     // (file) and heap, stacks and buffers (anon).
     for (name, pid) in [

@@ -96,7 +96,9 @@ fn main() -> Result<()> {
             runtime.block_on(ctl::run(args))
         }
         Command::Sidecar(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // One thread: at a pod's request rates cross-thread wake-ups
+            // cost more latency than a second core saves (issue 9).
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime

@@ -17,6 +17,7 @@ mod from_pod;
 mod lb;
 mod maps;
 mod mesh_connect4;
+mod mesh_getpeername4;
 mod nat;
 mod packet;
 mod policy;

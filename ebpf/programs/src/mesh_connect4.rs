@@ -33,7 +33,9 @@ use skep_ebpf_common::{
     BACKEND_F_TERMINATING, IPPROTO_TCP, MESH_ADMIN_PORT, MESH_INBOUND_PORT, MESH_OUTBOUND_PORT,
     MESH_SIDECAR_MARK, MeshOrigDst, ServiceKey,
 };
+use skep_ebpf_common::{SockRevKey, SockRevValue};
 
+use crate::maps::SOCK_REVNAT;
 use crate::{
     lb,
     maps::{CONFIG, MAGLEV, MESH_ORIG},
@@ -87,6 +89,23 @@ fn capture(ctx: &SockAddrContext) {
         // Without the record the sidecar could not forward: leave the
         // connection uncaptured rather than broken.
         return;
+    }
+    // A translated ClusterIP: the socket LB's reverse record, so the app's
+    // getpeername() shows the frontend it dialled (mesh_getpeername4).
+    if orig_addr != addr || orig_port != port_ne {
+        let rkey = SockRevKey {
+            cookie,
+            addr: orig_addr,
+            port: orig_port,
+            _pad: 0,
+        };
+        let rval = SockRevValue {
+            addr,
+            port: port_ne,
+            _pad: 0,
+        };
+        // Without it getpeername() shows the backend pod: acceptable.
+        let _ = SOCK_REVNAT.insert(&rkey, &rval, 0);
     }
     // SAFETY: user_ip4/user_port are writable for connect4 (4-byte stores;
     // the port is in network order in the low 16 bits).
