@@ -164,17 +164,33 @@ fn silent_node_is_tainted_and_its_pods_come_back_elsewhere() {
         })
     };
     s.k(V, &["create", "namespace", "nf"]);
-    s.k(
+    // Pods get 300 s tolerations of an unreachable node by default
+    // (DefaultTolerationSeconds); these ask for 2 s, as a workload that
+    // wants a fast failover does.
+    let out = s.kubectl_stdin(
         V,
-        &[
-            "-n",
-            "nf",
-            "create",
-            "deployment",
-            "web",
-            "--image=x",
-            "--replicas=4",
-        ],
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: nf}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      - {key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      containers: [{name: x, image: x}]
+",
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     s.k(
         V,
