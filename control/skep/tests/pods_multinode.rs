@@ -227,3 +227,106 @@ fn three_nodes_run_pods_that_talk_across_nodes_and_survive_agent_restarts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Node failure with real agents: an agent that stops is marked
+/// unreachable after the grace period, its node tainted NoExecute, and its
+/// pods (tolerating that for 2 s) are evicted and replaced on the live
+/// node, where the Service reaches them.
+#[test]
+fn a_stopped_agent_is_marked_unreachable_and_its_pods_come_back_elsewhere() {
+    let mut c = Cluster::start_with(1, &["--node-monitor-grace-period", "6s"]);
+    c.apply(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      - {key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      affinity:
+        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm:
+              topologyKey: kubernetes.io/hostname
+              labelSelector: {matchLabels: {app: web}}
+      containers:
+      - name: web
+        image: host
+        command: [skep, tools, serve, --http, "8080"]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+"#,
+    );
+    c.wait_for("2 web pods ready", Duration::from_secs(90), |c| {
+        c.jsonpath("default", "deployment/web", "{.status.readyReplicas}") == "2"
+    });
+    let failed = c.nodes[1].name.clone();
+    let live = c.nodes[0].name.clone();
+    let on = |c: &Cluster, node: &str| -> Vec<String> {
+        c.kubectl_ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+    };
+    assert_eq!(on(&c, &failed).len(), 1, "one pod on each node");
+
+    c.stop_node(1);
+    c.wait_for(
+        "the stopped node unreachable and tainted",
+        Duration::from_secs(60),
+        |c| {
+            let ready = c.jsonpath(
+                "default",
+                &format!("node/{failed}"),
+                "{.status.conditions[?(@.type==\"Ready\")].status}",
+            );
+            let taints = c.jsonpath(
+                "default",
+                &format!("node/{failed}"),
+                "{.spec.taints[*].key}",
+            );
+            ready == "Unknown" && taints.contains("node.kubernetes.io/unreachable")
+        },
+    );
+    // Its pod is evicted (Terminating: no kubelet confirms) and replaced
+    // on the live node.
+    c.wait_for(
+        "2 ready web pods on the live node",
+        Duration::from_secs(90),
+        |c| {
+            let here = on(c, &live);
+            here.iter()
+                .filter(|l| l.trim().split(' ').count() == 1)
+                .count()
+                == 2
+                && c.jsonpath("default", "deployment/web", "{.status.readyReplicas}") == "2"
+        },
+    );
+    for l in on(&c, &failed) {
+        assert!(
+            l.trim().split(' ').count() == 2,
+            "the failed node's pod is being deleted: {l}"
+        );
+    }
+    assert!(
+        c.jsonpath("default", &format!("node/{live}"), "{.spec.taints}")
+            .is_empty(),
+        "the live node is untainted"
+    );
+}

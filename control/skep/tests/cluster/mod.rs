@@ -386,6 +386,12 @@ impl Cluster {
         );
     }
 
+    /// Kills a node's skep process (SIGKILL) and leaves it down: a failed
+    /// node (its pods' processes keep running, as when a kubelet dies).
+    pub fn stop_node(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
     /// Kills a node's skep process (SIGKILL) and starts it again.
     pub fn restart_node(&mut self, i: usize) {
         self.nodes[i].kill();
