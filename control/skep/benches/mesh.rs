@@ -8,7 +8,7 @@
 //! ```text
 //!  client pod 10.96.252.1                      server pod 10.96.252.2
 //!  oha ─────────── direct ───────────────────▶ app :8081
-//!  oha → :8080 ─REDIRECT→ skep sidecar :15001 ═mTLS═▶ skep sidecar :15006 → app :8080
+//!  oha → :8080 ─connect4→ skep sidecar :15001 ═mTLS═▶ skep sidecar :15006 → app :8080
 //!  oha → 127.0.0.1:9001  stunnel (client) ═════mTLS═▶ stunnel (server) :9443 → app :8080
 //! ```
 //!
@@ -18,10 +18,13 @@
 //! * skep: two real `skep sidecar` processes. Their identities come from a
 //!   mesh CA (the crate's `MeshCa` behind the real gRPC `Certify` service,
 //!   run in this process inside the server pod); the client's connections
-//!   are captured by netfilter REDIRECT in the client pod's namespace (the
-//!   eBPF connect4 capture has not landed yet) and the sidecar reads
-//!   SO_ORIGINAL_DST. The server sidecar runs strict and allows only the
-//!   client's SPIFFE ID.
+//!   are captured as in a meshed pod: skep's eBPF object is loaded under
+//!   a pin root of its own, `mesh_connect4` is attached to a cgroup v2
+//!   directory, and oha joins that cgroup for the skep runs only (the
+//!   direct and stunnel runs start outside it, as an unmeshed client
+//!   would). The client sidecar reads the original destination from the
+//!   capture's pinned map (`--capture-maps`), as injected sidecars do. The
+//!   server sidecar runs strict and allows only the client's SPIFFE ID.
 //! * stunnel: client mode in the client pod, server mode in the server
 //!   pod, TLS 1.3 only, mutual verification of the chain (certificates
 //!   issued by the same mesh CA, ECDSA P-256). stunnel cannot check a
@@ -44,6 +47,7 @@
 mod support;
 
 use serde_json::{Map, Value, json};
+use skep_dataplane::lb::{KernelDatapath, LbSettings};
 use skep_mesh_sidecar::{
     MeshCa,
     ca_server::{self, Account, Authenticator, IdentityService},
@@ -76,8 +80,6 @@ const TRUST_DOMAIN: &str = "cluster.local";
 const NAMESPACE: &str = "bench";
 const OUTBOUND_PORT: u16 = 15001;
 const ADMIN_PORT: u16 = 15020;
-/// The mark the sidecar puts on its own connections (net::SIDECAR_MARK).
-const SIDECAR_MARK: &str = "0x5ce9";
 const CONNECTIONS: usize = 32;
 /// The namespaces' name prefix (a leftover of a killed run is removed).
 const NS_PREFIX: &str = "skmesh";
@@ -154,6 +156,84 @@ impl Drop for Pods {
         for ns in [&self.client, &self.server] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+    }
+}
+
+/// The outbound capture of the client pod, as the kubelet sets it up for
+/// a meshed pod: skep's eBPF object loaded and pinned under a root of its
+/// own, `mesh_connect4` (and `mesh_getpeername4`) attached to a cgroup v2
+/// directory. Detached and unpinned when dropped.
+struct Capture {
+    pins: PathBuf,
+    cgroup: PathBuf,
+    /// Keeps the loader's handles for the run (the pins would do too).
+    _datapath: KernelDatapath,
+}
+
+const CAPTURE_PREFIX: &str = "skep-bench-mesh-";
+
+impl Capture {
+    fn create() -> Self {
+        let pid = std::process::id();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let cgroup2 = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+            })
+            .expect(
+                "no cgroup2 mount: the mesh capture is a cgroup v2 program \
+                 (mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`)",
+            );
+        // Leftovers of killed runs.
+        for parent in [Path::new("/sys/fs/bpf"), cgroup2.as_path()] {
+            for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(old) = name.strip_prefix(CAPTURE_PREFIX)
+                    && !Path::new(&format!("/proc/{old}")).exists()
+                {
+                    if parent == Path::new("/sys/fs/bpf") {
+                        let _ = KernelDatapath::remove_pins(&e.path());
+                    } else {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+        }
+        let pins = PathBuf::from(format!("/sys/fs/bpf/{CAPTURE_PREFIX}{pid}"));
+        let datapath = KernelDatapath::open(LbSettings {
+            pin_root: pins.clone(),
+            // Small maps: the benchmark programs no Service.
+            maglev_size: 1021,
+            max_frontends: 64,
+            max_backends: 1024,
+            ct_entries: 16384,
+            affinity_entries: 1024,
+            ..LbSettings::default()
+        })
+        .expect("load skep's eBPF object (did `cargo xtask build-ebpf` run?)");
+        let cgroup = cgroup2.join(format!("{CAPTURE_PREFIX}{pid}"));
+        std::fs::create_dir(&cgroup).expect("create the client pod's cgroup");
+        skep_dataplane::mesh::attach(&pins, &cgroup).expect("attach mesh_connect4");
+        Capture {
+            pins,
+            cgroup,
+            _datapath: datapath,
+        }
+    }
+
+    /// The directory of the pinned maps the sidecar reads.
+    fn maps(&self) -> PathBuf {
+        self.pins.join("maps")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = skep_dataplane::mesh::detach(&self.pins, &self.cgroup);
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = KernelDatapath::remove_pins(&self.pins);
     }
 }
 
@@ -659,6 +739,8 @@ fn round(v: f64) -> f64 {
 struct Bench {
     oha: PathBuf,
     client_ns: String,
+    /// `cgroup.procs` of the captured cgroup: oha joins it for skep runs.
+    capture_procs: PathBuf,
     secs: u64,
     /// Pids of the (client, server) proxies of each proxied path.
     pids: HashMap<&'static str, (u32, u32)>,
@@ -667,6 +749,25 @@ struct Bench {
 impl Bench {
     fn run(&self, path: Route, load: Load, secs: u64) -> RunResult {
         let mut cmd = command_in(&self.client_ns, &self.oha);
+        if path == Route::Skep {
+            // The meshed client: oha joins the captured cgroup before it
+            // runs, so its very first connect() is captured.
+            let procs = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.capture_procs)
+                .expect("open the captured cgroup's cgroup.procs");
+            // SAFETY: write(2) is async-signal-safe; the descriptor was
+            // opened before the fork and is moved into the closure. "0"
+            // moves the writing process (the child) itself.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(["--no-tui", "--output-format", "json", "-z"])
             .arg(format!("{secs}s"))
             .args(["-c", &CONNECTIONS.to_string()])
@@ -795,12 +896,11 @@ fn main() {
     // SAFETY: plain syscall.
     assert!(
         unsafe { libc::geteuid() } == 0,
-        "the mesh benchmark makes network namespaces and netfilter rules in them: run it as root"
+        "the mesh benchmark makes network namespaces, a cgroup and BPF programs: run it as root"
     );
     let setup_hint = "run `cargo xtask setup` (it installs oha and stunnel4)";
     let oha = find_program("oha", setup_hint);
     let stunnel = find_program("stunnel4", setup_hint);
-    let iptables = find_program("iptables", setup_hint);
     let secs: u64 = std::env::var("SKEP_MESH_BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -809,6 +909,7 @@ fn main() {
     let handshake_secs = secs.min(5);
 
     let pods = Pods::create();
+    let capture = Capture::create();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
@@ -856,6 +957,8 @@ fn main() {
     let client_log = d.join("sidecar-client.log");
     let mut args = sidecar_args(d, &cluster_ca_file, "client");
     args.extend(["--meshed-peers".to_owned(), SERVER_IP.to_owned()]);
+    args.push("--capture-maps".to_owned());
+    args.push(capture.maps().display().to_string());
     let sidecar_client = spawn_in(&pods.client, &args, &client_log);
     let admin: SocketAddr = format!("127.0.0.1:{ADMIN_PORT}").parse().unwrap();
     wait_http(
@@ -872,52 +975,6 @@ fn main() {
         "the client sidecar",
         &client_log,
     );
-    run_checked(
-        command_in(&pods.client, &iptables).args([
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            SERVER_IP,
-            "--dport",
-            &APP_PORT.to_string(),
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            SIDECAR_MARK,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &OUTBOUND_PORT.to_string(),
-        ]),
-        "the capture rule in the client pod",
-    );
-    let captured: SocketAddr = format!("{SERVER_IP}:{APP_PORT}").parse().unwrap();
-    wait_http(
-        &pods.client,
-        captured,
-        "/",
-        "the app through the sidecars",
-        &client_log,
-    );
-    // The request went through both sidecars over mTLS: the server
-    // sidecar saw the client's identity.
-    let metrics = wait_http(
-        &pods.server,
-        admin,
-        "/metrics",
-        "server sidecar metrics",
-        &server_log,
-    );
-    assert!(
-        metrics.contains(&spiffe("client")),
-        "the server sidecar's metrics do not name the client's identity: the request did not take the mTLS path\n{metrics}"
-    );
-
     // stunnel: the same hop.
     let (chain, key) = stunnel_identity(&ca, "stunnel-server");
     let conf = stunnel_conf(
@@ -956,6 +1013,7 @@ fn main() {
         oha,
         client_ns: pods.client.clone(),
         secs,
+        capture_procs: capture.cgroup.join("cgroup.procs"),
         pids: HashMap::from([
             ("skep", (sidecar_client.0.id(), sidecar_server.0.id())),
             ("stunnel", (stunnel_client.0.id(), stunnel_server.0.id())),
@@ -963,7 +1021,7 @@ fn main() {
     };
 
     println!(
-        "mesh benchmark: {CONNECTIONS} connections, {secs} s per run ({handshake_secs} s for handshakes); capture: iptables REDIRECT + SO_ORIGINAL_DST"
+        "mesh benchmark: {CONNECTIONS} connections, {secs} s per run ({handshake_secs} s for handshakes); capture: eBPF connect4 on the client's cgroup"
     );
     // Before any load: what starting up left resident (anon + file).
     let idle_mem: Vec<(f64, f64)> = [sidecar_client.0.id(), sidecar_server.0.id()]
@@ -982,6 +1040,20 @@ fn main() {
     for p in Route::ALL {
         bench.run(p, Load::Max, 2);
     }
+    // The skep route went through both sidecars over mTLS (captured by
+    // connect4 from the cgroup oha joined): the server sidecar saw the
+    // client's identity.
+    let metrics = wait_http(
+        &pods.server,
+        admin,
+        "/metrics",
+        "server sidecar metrics",
+        &server_log,
+    );
+    assert!(
+        metrics.contains(&spiffe("client")),
+        "the server sidecar's metrics do not name the client's identity: the skep runs did not take the captured mTLS path\n{metrics}"
+    );
     let loads = [
         (Load::Rate(1000), secs),
         (Load::Rate(5000), secs),
@@ -1215,7 +1287,7 @@ fn report(bench: &Bench, results: &[(Load, Route, RunResult)], mem: Value) -> Va
 
     json!({
         "topology": "two network namespaces (client pod, server pod) joined by a veth; an HTTP/1.1 keep-alive app (the benchmark's, one write per response, TCP_NODELAY) in the server pod; oha in the client pod",
-        "capture": "iptables REDIRECT (nat OUTPUT, client pod only, sidecar mark exempt) + SO_ORIGINAL_DST",
+        "capture": "eBPF cgroup connect4 (mesh_connect4) on the client pod's cgroup v2 directory; original destination from its pinned map",
         "load_generator": "oha, HTTP/1.1, -c 32; constant rates with --latency-correction",
         "connections": CONNECTIONS,
         "seconds_per_run": bench.secs,
