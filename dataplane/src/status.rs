@@ -32,8 +32,8 @@ pub struct MapUsage {
 /// Pinned links by attach point.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkCounts {
-    /// TC links on pod veths (TCX, Linux ≥ 6.6; older kernels attach by
-    /// netlink and pin nothing, see `pod_hooks` in the agent's report).
+    /// TC links on pod veths (TCX mode only, SKEP_TC_ATTACH=tcx on Linux
+    /// ≥ 6.6; netlink filters, the default, pin nothing).
     pub tc: usize,
     pub xdp: usize,
     pub cgroup: usize,

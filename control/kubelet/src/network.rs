@@ -23,7 +23,9 @@ pub struct NodeNetwork {
     /// for all the pods that start together).
     alloc: tokio::sync::mpsc::UnboundedSender<(String, AllocReply)>,
     lb: Option<SharedLb>,
-    /// TCX kernels: attaches pod hooks without the load balancer's lock.
+    /// TCX mode (SKEP_TC_ATTACH=tcx): attaches pod hooks without the load
+    /// balancer's lock (netlink filters, the default, take ~0.3 ms each
+    /// under it).
     hooks: Option<Arc<skep_dataplane::lb::PodHooks>>,
     mtu: u32,
     /// The node address: source of the node's own packets to pods.

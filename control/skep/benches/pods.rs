@@ -274,7 +274,16 @@ fn main() {
     });
     let docker = Some(dockerd.socket().display().to_string());
     let mut report = serde_json::Map::new();
-    let runtimes = ["process", "docker"];
+    // SKEP_BENCH_RUNTIMES=process (or docker) runs one of them only, for
+    // profiling; the report then has that runtime's keys only.
+    let only = std::env::var("SKEP_BENCH_RUNTIMES").ok();
+    let runtimes: Vec<&str> = ["process", "docker"]
+        .into_iter()
+        .filter(|r| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x == *r))
+        })
+        .collect();
     println!(
         "{:<8} {:>14} {:>14} {:>14} {:>14} {:>10} {:>12} {:>16} {:>12}",
         "runtime",

@@ -4,13 +4,14 @@
 //! ```text
 //! <root>/maps/<MAP>                      every LB map (re-adopted by the next loader)
 //! <root>/progs/from_pod, to_pod          the programs of the last loader
-//! <root>/links/<iface>-<ifindex>-ingress TCX links (kernel ≥ 6.6), so attachments
-//! <root>/links/<iface>-<ifindex>-egress  outlive the agent process
+//! <root>/links/<iface>-<ifindex>-ingress TCX links (SKEP_TC_ATTACH=tcx,
+//! <root>/links/<iface>-<ifindex>-egress  kernel ≥ 6.6), so they outlive the agent
 //! ```
 //!
-//! Below 6.6 TC programs attach through netlink cls_bpf filters, which the
-//! kernel keeps without any pin; skep uses a fixed priority/handle so a new
-//! loader replaces its predecessor's filter in place.
+//! By default TC programs attach through netlink cls_bpf filters (see
+//! `tcx_supported` for why, even where TCX exists), which the kernel keeps
+//! without any pin; skep uses a fixed priority/handle so a new loader
+//! replaces its predecessor's filter in place.
 
 use std::{
     net::Ipv4Addr,
@@ -43,14 +44,29 @@ use crate::{DataplaneError, object};
 const NL_PRIORITY: u16 = 0x5ce;
 const NL_HANDLE: u32 = 0x5ce;
 
-/// Whether aya attaches TC programs through TCX links (kernel ≥ 6.6; the
-/// same test aya makes) rather than netlink filters.
+/// Whether TC programs attach as TCX links rather than netlink cls_bpf
+/// filters. Netlink is the default on every kernel: a TCX attachment
+/// swaps bpf_mprog's a/b entries and waits a full RCU grace period while
+/// it holds rtnl_lock, ~24 ms per attachment on the 6.18 test machine
+/// against ~0.3 ms for a netlink filter, and every other pod's netlink
+/// work (veths, addresses, routes) queues behind that lock: 100 pods
+/// created at once spent 3 s getting their networks. `SKEP_TC_ATTACH=tcx`
+/// chooses TCX links where the kernel has them (≥ 6.6, the same test aya
+/// makes), e.g. to order skep's programs among other TCX users.
 fn tcx_supported() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+    static TCX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TCX.get_or_init(|| {
+        let wanted = std::env::var("SKEP_TC_ATTACH").is_ok_and(|v| v == "tcx");
+        let kernel = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if wanted && !kernel {
+            tracing::warn!("SKEP_TC_ATTACH=tcx needs Linux >= 6.6: attaching by netlink");
+        }
+        wanted && kernel
+    })
 }
 
-/// Attaches the pod hooks to pods' interfaces without the datapath: on
-/// TCX kernels an attachment is one link per hook, made from the
+/// Attaches the pod hooks to pods' interfaces without the datapath: in
+/// TCX mode (`SKEP_TC_ATTACH=tcx`) an attachment is one link per hook, made from the
 /// programs' fds, so many pods can be attached at once (each attachment
 /// waits on the kernel, mostly for RCU) instead of one after another under
 /// the load balancer's lock.
@@ -386,8 +402,8 @@ impl KernelDatapath {
     }
 
     /// A handle that attaches the pod hooks without this datapath (TCX
-    /// kernels, ≥ 6.6); None where attachments go through netlink, which
-    /// `attach_pod` handles.
+    /// mode); None where attachments go through netlink (the default),
+    /// which `attach_pod` handles.
     pub fn pod_hooks(&mut self) -> Result<Option<PodHooks>, DataplaneError> {
         use std::os::fd::AsFd as _;
         if !tcx_supported() {
@@ -523,7 +539,19 @@ impl KernelDatapath {
                 // Dropping a netlink link would delete the filter; the
                 // filter must outlive this process.
                 std::mem::forget(link);
+                // A TCX link of an agent that ran with SKEP_TC_ATTACH=tcx
+                // would run the program a second time: now that the filter
+                // is in place, drop it.
+                let pin = links.join(format!("{iface}-{ifindex}-{dir}"));
+                if let Ok(old) = PinnedLink::from_pin(&pin) {
+                    let _ = old.unpin();
+                }
             }
+        }
+        if tcx {
+            // The netlink filters of an agent that attached by netlink
+            // would run the programs a second time.
+            detach_netlink_filters(iface);
         }
         tracing::debug!(iface, ifindex, tcx, "pod hooks attached");
         Ok(())
@@ -544,20 +572,9 @@ impl KernelDatapath {
                 }
             }
         }
-        if !tcx_supported() {
-            for t in [TcAttachType::Ingress, TcAttachType::Egress] {
-                if let Ok(l) = SchedClassifierLink::attached(
-                    iface,
-                    t,
-                    NL_PRIORITY,
-                    TcHandle::from(NL_HANDLE),
-                    None,
-                ) {
-                    use aya::programs::links::Link as _;
-                    let _ = l.detach();
-                }
-            }
-        }
+        // Netlink filters (the default, and what an agent in the other
+        // mode may have left).
+        detach_netlink_filters(iface);
         Ok(())
     }
 
@@ -688,6 +705,19 @@ fn sock_program<'a>(
                 detail: e.to_string(),
             },
         )
+}
+
+/// Removes skep's netlink cls_bpf filters (both directions) from `iface`;
+/// absent filters are not an error.
+fn detach_netlink_filters(iface: &str) {
+    use aya::programs::links::Link as _;
+    for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+        if let Ok(l) =
+            SchedClassifierLink::attached(iface, t, NL_PRIORITY, TcHandle::from(NL_HANDLE), None)
+        {
+            let _ = l.detach();
+        }
+    }
 }
 
 fn map_pin(root: &Path, name: &str) -> PathBuf {
