@@ -23,154 +23,23 @@
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use harness::{Pod, Topology};
+#[path = "common/echo.rs"]
+mod echo;
+
+use echo::{EchoServer, Rates, measure};
+use harness::Topology;
 use skep_dataplane::lb::{
     Endpoint, EndpointState, LbSettings, LoadBalancer, Protocol, Service, ServicePort,
 };
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    io::Write,
+    net::{Ipv4Addr, SocketAddrV4},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-/// The benchmark's server in a backend pod. The client is closed-loop (one
-/// connection or request at a time), so one thread serving connections
-/// inline, one after the other, never makes it wait; there is no thread
-/// per connection and no formatting per reply (the tests' echo server has
-/// both, and at ~20 µs per thread start they dominated what was measured:
-/// the path through the LB is the subject here, not the server).
-struct LeanServer {
-    stop: Arc<AtomicBool>,
-    /// The listening socket, shut down to wake a blocked accept.
-    wake: std::os::fd::RawFd,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl LeanServer {
-    fn start(pod: &Pod, port: u16) -> Self {
-        let listener = pod
-            .ns
-            .run(|| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)))
-            .unwrap()
-            .expect("bind the benchmark server in its pod");
-        let wake = listener.as_raw_fd();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while !s.load(Ordering::Relaxed) {
-                let Ok((mut conn, _)) = listener.accept() else {
-                    continue;
-                };
-                let _ = conn.set_nodelay(true);
-                // Every newline-terminated request gets "ok\n"; the
-                // connection ends when the client closes it.
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let lines = buf[..n].iter().filter(|b| **b == b'\n').count();
-                    if (0..lines).any(|_| conn.write_all(b"ok\n").is_err()) {
-                        break;
-                    }
-                }
-            }
-        });
-        Self {
-            stop,
-            wake,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for LeanServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // SAFETY: shutdown(2) on the listening socket, still open (the
-        // serving thread owns it until it is joined below).
-        unsafe { libc::shutdown(self.wake, libc::SHUT_RDWR) };
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// One request and its reply ("ok\n", in one segment) on `c`.
-fn exchange(c: &mut TcpStream) -> std::io::Result<()> {
-    c.write_all(b"x\n")?;
-    let mut buf = [0u8; 16];
-    let mut got = 0;
-    while got == 0 || buf[got - 1] != b'\n' {
-        let n = c.read(&mut buf[got..])?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got += n;
-    }
-    Ok(())
-}
-
 fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 43, 1 + (i / 250) as u8, 1 + (i % 250) as u8)
-}
-
-struct Result_ {
-    conn_rate: f64,
-    p50_us: f64,
-    p99_us: f64,
-    rr_rate: f64,
-}
-
-fn measure(topo: &Topology, target: SocketAddrV4, secs: f64) -> Result_ {
-    let client = &topo.pods[0];
-    // Warm up (ARP, caches).
-    for _ in 0..50 {
-        let mut c = client.connect(target).unwrap();
-        exchange(&mut c).unwrap();
-    }
-    // New connections, from one thread inside the client's namespace.
-    let (lat, elapsed) = client
-        .ns
-        .run(|| {
-            let mut lat = Vec::new();
-            let start = Instant::now();
-            while start.elapsed().as_secs_f64() < secs {
-                let t = Instant::now();
-                let mut c = TcpStream::connect(target).unwrap();
-                c.set_nodelay(true).unwrap();
-                exchange(&mut c).unwrap();
-                drop(c);
-                lat.push(t.elapsed());
-            }
-            (lat, start.elapsed())
-        })
-        .unwrap();
-    let mut sorted = lat.clone();
-    sorted.sort();
-    let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
-    // Request/response on one persistent connection.
-    let mut c = client.connect(target).unwrap();
-    c.set_nodelay(true).unwrap();
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < secs {
-        exchange(&mut c).unwrap();
-        n += 1;
-    }
-    Result_ {
-        conn_rate: lat.len() as f64 / elapsed.as_secs_f64(),
-        p50_us: pct(0.5),
-        p99_us: pct(0.99),
-        rr_rate: n as f64 / start.elapsed().as_secs_f64(),
-    }
 }
 
 fn services(n: usize, topo: &Topology) -> Vec<Service> {
@@ -277,32 +146,18 @@ fn iptables_restore(topo: &Topology, rules: &str) -> Duration {
 /// Fields drop in order: servers and datapath before the namespaces.
 struct Setup {
     name: String,
-    _servers: Vec<LeanServer>,
+    _servers: Vec<EchoServer>,
     _lb: Option<LoadBalancer<skep_dataplane::lb::KernelDatapath>>,
     target: SocketAddrV4,
     program: Option<Duration>,
     topo: Topology,
 }
 
-/// The two backends' servers, and room in the client's namespace for the
-/// TIME_WAITs of tens of thousands of short connections (the client closes
-/// first; these sysctls are the namespace's own).
-fn lean_servers(topo: &Topology) -> Vec<LeanServer> {
-    topo.pods[0]
-        .ns
-        .run(|| {
-            for (key, value) in [
-                ("net/ipv4/tcp_tw_reuse", "1"),
-                ("net/ipv4/ip_local_port_range", "1024 65000"),
-            ] {
-                std::fs::write(format!("/proc/sys/{key}"), value)
-                    .unwrap_or_else(|e| panic!("sysctl {key} in the client pod: {e}"));
-            }
-        })
-        .unwrap();
+/// The two backends' echo servers.
+fn echo_servers(topo: &Topology) -> Vec<EchoServer> {
     topo.pods[1..]
         .iter()
-        .map(|p| LeanServer::start(p, 8080))
+        .map(|p| EchoServer::start(p, 8080))
         .collect()
 }
 
@@ -326,7 +181,7 @@ fn main() {
     let mut setups = Vec::new();
     {
         let topo = Topology::new("bench-direct", 3);
-        let servers = lean_servers(&topo);
+        let servers = echo_servers(&topo);
         let target = SocketAddrV4::new(topo.pods[1].ip, 8080);
         setups.push(Setup {
             name: "direct".into(),
@@ -339,7 +194,7 @@ fn main() {
     }
     for &n in &scales {
         let topo = Topology::new(&format!("bench-ebpf-{n}"), 3);
-        let servers = lean_servers(&topo);
+        let servers = echo_servers(&topo);
         let settings = LbSettings {
             max_frontends: 10_240,
             max_backends: 20_480,
@@ -359,7 +214,7 @@ fn main() {
             program,
         });
         let topo = Topology::new(&format!("bench-ipt-{n}"), 3);
-        let servers = lean_servers(&topo);
+        let servers = echo_servers(&topo);
         let program = Some(iptables_restore(&topo, &kube_proxy_rules(n, &topo)));
         setups.push(Setup {
             name: format!("iptables, {n} svc"),
@@ -373,7 +228,7 @@ fn main() {
 
     // Rounds interleave the setups so that load from elsewhere on the
     // machine spreads over all of them; medians are reported.
-    let mut samples: Vec<Vec<Result_>> = setups.iter().map(|_| Vec::new()).collect();
+    let mut samples: Vec<Vec<Rates>> = setups.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, s) in setups.iter().enumerate() {
             samples[i].push(measure(&s.topo, s.target, secs));
@@ -382,8 +237,8 @@ fn main() {
     }
     let mut rows = Vec::new();
     for (s, m) in setups.iter().zip(&samples) {
-        let pick = |f: fn(&Result_) -> f64| median(&mut m.iter().map(f).collect::<Vec<_>>());
-        let r = Result_ {
+        let pick = |f: fn(&Rates) -> f64| median(&mut m.iter().map(f).collect::<Vec<_>>());
+        let r = Rates {
             conn_rate: pick(|r| r.conn_rate),
             rr_rate: pick(|r| r.rr_rate),
             p50_us: pick(|r| r.p50_us),
