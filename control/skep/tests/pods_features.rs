@@ -321,3 +321,95 @@ spec:
         .contains("missing")
     );
 }
+
+/// `kubectl set image` on a bare pod: the container is replaced by one of
+/// the new image (a directory rootfs with a marker file the host image
+/// does not have), its restart count goes up, the pod keeps its IP, and a
+/// `restartPolicy: Never` pod is no exception (a changed definition is
+/// restarted whatever the policy).
+#[test]
+fn changing_a_containers_image_replaces_the_container() {
+    let c = Cluster::start(0);
+    // The new image: a rootfs directory with busybox and a marker.
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("/bin/busybox: install Debian's busybox-static (cargo xtask setup)");
+    for applet in ["sh", "sleep", "cat"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("marker"), "new image\n").unwrap();
+    c.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: swap, namespace: default}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: host
+    command: [sleep, "600"]
+"#,
+    );
+    c.wait_ready("default", "swap");
+    let ip = c.jsonpath("default", "pod/swap", "{.status.podIP}");
+    let first = c.jsonpath(
+        "default",
+        "pod/swap",
+        "{.status.containerStatuses[0].containerID}",
+    );
+    let out = c.kubectl(&["exec", "swap", "--", "cat", "/marker"]);
+    assert!(!out.status.success(), "the host image has no /marker");
+
+    let image = rootfs.display().to_string();
+    c.kubectl_ok(&["set", "image", "pod/swap", &format!("app={image}")]);
+    c.wait_for(
+        "the container replaced by one of the new image",
+        Duration::from_secs(60),
+        |c| {
+            c.jsonpath(
+                "default",
+                "pod/swap",
+                "{.status.containerStatuses[0].containerID}",
+            ) != first
+                && c.jsonpath(
+                    "default",
+                    "pod/swap",
+                    "{.status.containerStatuses[0].ready}",
+                ) == "true"
+        },
+    );
+    let marker = c.kubectl_ok(&["exec", "swap", "--", "cat", "/marker"]);
+    assert_eq!(marker.trim(), "new image");
+    assert_eq!(
+        c.jsonpath(
+            "default",
+            "pod/swap",
+            "{.status.containerStatuses[0].restartCount}"
+        ),
+        "1"
+    );
+    assert_eq!(
+        c.jsonpath(
+            "default",
+            "pod/swap",
+            "{.status.containerStatuses[0].image}"
+        ),
+        image
+    );
+    assert_eq!(c.jsonpath("default", "pod/swap", "{.status.podIP}"), ip);
+    assert_eq!(
+        c.jsonpath("default", "pod/swap", "{.status.phase}"),
+        "Running"
+    );
+    let events = c.kubectl_ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=swap",
+    ]);
+    assert!(events.contains("definition changed"), "{events}");
+}

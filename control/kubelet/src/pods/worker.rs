@@ -62,6 +62,10 @@ struct Slot {
     probes: Option<Probes>,
     /// An instance being stopped (liveness failure) — not stopped twice.
     killing: Option<String>,
+    /// The container's image was changed in the pod spec since its
+    /// instance started: the instance is replaced, whatever the restart
+    /// policy (as the kubelet does for a changed container definition).
+    respec: bool,
 }
 
 impl Slot {
@@ -168,6 +172,8 @@ impl Worker {
             Some(Msg::Pod(p)) => {
                 if self.slots.is_empty() {
                     self.slots = slots_of(&p);
+                } else {
+                    self.note_image_changes(&p);
                 }
                 self.pod = *p;
             }
@@ -186,6 +192,38 @@ impl Worker {
             Some(Msg::Gone) | None => self.gone = true,
         }
         self.dirty = true;
+    }
+
+    /// Containers whose image the pod update changed (the only mutable
+    /// field of a container) take the new spec and are marked for
+    /// replacement.
+    fn note_image_changes(&mut self, pod: &Value) {
+        for slot in &mut self.slots {
+            let list = if slot.init {
+                "/spec/initContainers"
+            } else {
+                "/spec/containers"
+            };
+            let Some(new) = pod.pointer(list).and_then(Value::as_array).and_then(|cs| {
+                cs.iter()
+                    .find(|c| s(c, "/name") == Some(slot.name.as_str()))
+            }) else {
+                continue;
+            };
+            if s(new, "/image") != s(&slot.spec, "/image") {
+                tracing::info!(
+                    container = %slot.name,
+                    from = s(&slot.spec, "/image").unwrap_or(""),
+                    to = s(new, "/image").unwrap_or(""),
+                    "container image changed: replacing the container"
+                );
+                slot.spec = new.clone();
+                slot.respec = true;
+                slot.backoff = None;
+                slot.image_retry = None;
+                slot.waiting = None;
+            }
+        }
     }
 
     fn probes_changed(&mut self) -> bool {
@@ -502,7 +540,28 @@ impl Worker {
     /// (per policy and back-off), and runs its probes while it runs.
     async fn keep_running(&mut self, i: usize, cur: Option<&ContainerInfo>, policy: &str) {
         match cur.map(|c| &c.state) {
-            None => self.start(i, 0).await,
+            None => {
+                self.slots[i].respec = false;
+                self.start(i, 0).await
+            }
+            Some(ContainerState::Exited { .. }) if self.slots[i].respec => {
+                // The old image's instance is gone: the new one starts now,
+                // whatever the restart policy, without back-off.
+                let attempt = cur.map_or(0, |c| c.labels.attempt + 1);
+                let slot = &mut self.slots[i];
+                slot.respec = false;
+                slot.killing = None;
+                slot.probes = None;
+                self.prune_instances(i, attempt).await;
+                self.start(i, attempt).await;
+            }
+            Some(ContainerState::Running { .. } | ContainerState::Created)
+                if self.slots[i].respec =>
+            {
+                if let Some(c) = cur {
+                    self.stop_changed(i, c);
+                }
+            }
             Some(ContainerState::Exited { exit_code, .. }) => {
                 let code = *exit_code;
                 let p = self.slots[i].policy(policy);
@@ -574,18 +633,48 @@ impl Worker {
             Some(d) => (d * 2).min(BACKOFF_MAX),
         });
         let attempt = cur.labels.attempt + 1;
-        // Keep one previous instance (for `logs --previous`), drop older.
+        self.prune_instances(i, attempt).await;
+        self.start(i, attempt).await;
+    }
+
+    /// Before starting instance `attempt`: keeps one previous instance
+    /// (for `logs --previous`), removes older ones.
+    async fn prune_instances(&mut self, i: usize, attempt: u32) {
+        let name = &self.slots[i].name;
         let old: Vec<String> = self
             .observed
             .iter()
-            .filter(|c| c.labels.container_name == slot.name && c.labels.attempt + 1 < attempt)
+            .filter(|c| &c.labels.container_name == name && c.labels.attempt + 1 < attempt)
             .map(|c| c.id.clone())
             .collect();
         for id in old {
             let _ = self.ctx.runtime.remove(&id).await;
             self.observed.retain(|c| c.id != id);
         }
-        self.start(i, attempt).await;
+    }
+
+    /// Stops the instance of a container whose image changed (once; the
+    /// next sync after it exits starts the new image).
+    fn stop_changed(&mut self, i: usize, c: &ContainerInfo) {
+        if self.slots[i].killing.as_deref() == Some(c.id.as_str()) {
+            return;
+        }
+        let name = self.slots[i].name.clone();
+        self.slots[i].killing = Some(c.id.clone());
+        self.ctx.events.pod(
+            &self.pod,
+            Some(&name),
+            Kind::Normal,
+            "Killing",
+            format!("Container {name} definition changed, will be restarted"),
+        );
+        let (rt, id, grace) = (self.ctx.runtime.clone(), c.id.clone(), self.grace());
+        // Stopping takes up to the grace period: not on the worker.
+        tokio::spawn(async move {
+            if let Err(e) = rt.stop(&id, grace).await {
+                tracing::warn!(container = %id, error = %e, "stopping a changed container failed");
+            }
+        });
     }
 
     /// Creates and starts one container instance.
@@ -1446,6 +1535,7 @@ fn slots_of(pod: &Value) -> Vec<Slot> {
                 image_retry: None,
                 probes: None,
                 killing: None,
+                respec: false,
             });
         }
     }
