@@ -99,6 +99,8 @@ pub struct AgentConfig {
     /// Attach the NetworkPolicy early drop (XDP) to the interface holding
     /// `node_ip` (with the dataplane).
     pub xdp_policy: bool,
+    /// Container log rotation (containerLogMaxSize / containerLogMaxFiles).
+    pub log_rotation: runtime::logrotate::LogRotation,
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -147,6 +149,7 @@ async fn make_runtime(cfg: &AgentConfig) -> Result<Arc<dyn runtime::Runtime>, Ag
                     image_cache: cfg.data_dir.join("images"),
                     shim_exe: shim,
                     cgroup_parent: format!("skep-{}", cfg.node_name),
+                    log_rotation: cfg.log_rotation,
                 })
                 .map_err(|e| AgentError::Setup(e.to_string()))?;
             Ok(Arc::new(rt))
@@ -158,7 +161,8 @@ async fn make_runtime(cfg: &AgentConfig) -> Result<Arc<dyn runtime::Runtime>, Ag
                 .unwrap_or_else(|| "/var/run/docker.sock".into());
             let rt = runtime::docker::DockerRuntime::connect(&socket)
                 .await
-                .map_err(|e| AgentError::Setup(e.to_string()))?;
+                .map_err(|e| AgentError::Setup(e.to_string()))?
+                .with_log_rotation(cfg.log_rotation);
             Ok(Arc::new(rt))
         }
     }

@@ -71,6 +71,14 @@ pub struct NodeArgs {
     /// holding the node IP; the pod hooks enforce policy either way.
     #[arg(long)]
     pub no_xdp_policy: bool,
+    /// Size at which a container's log file is rotated, as the kubelet's
+    /// containerLogMaxSize (`10Mi`, `500Ki`, `1G` or bytes).
+    #[arg(long, env = "SKEP_CONTAINER_LOG_MAX_SIZE", default_value = "10Mi", value_parser = parse_size)]
+    pub container_log_max_size: u64,
+    /// Log files kept per container, the current one included
+    /// (containerLogMaxFiles; at least 2).
+    #[arg(long, env = "SKEP_CONTAINER_LOG_MAX_FILES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..))]
+    pub container_log_max_files: u32,
     /// The Ingress proxy (ports 80/443) this node runs.
     #[command(flatten)]
     pub ingress: skep_ingress::IngressArgs,
@@ -129,7 +137,55 @@ impl NodeArgs {
             shim_exe: None,
             docker_socket: Some(self.docker_socket.clone()),
             xdp_policy: !self.no_xdp_policy,
+            log_rotation: skep_kubelet::runtime::logrotate::LogRotation {
+                max_bytes: self.container_log_max_size,
+                max_files: self.container_log_max_files as usize,
+            },
         }
+    }
+}
+
+/// A size with an optional binary (Ki, Mi, Gi) or decimal (K, M, G)
+/// suffix, as Kubernetes quantities write them.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 10Mi, 500Ki, 1G or a number of bytes)"))?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use Ki, Mi, Gi, K, M or G)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .filter(|b| *b >= 1024)
+        .ok_or_else(|| format!("{s:?}: the size must be between 1Ki and 16Ei"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10Mi"), Ok(10 << 20));
+        assert_eq!(parse_size("500Ki"), Ok(500 << 10));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("10Xi").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("Mi").unwrap_err().contains("not a size"));
+        assert!(parse_size("10").unwrap_err().contains("between"));
     }
 }
 

@@ -413,3 +413,112 @@ spec:
     ]);
     assert!(events.contains("definition changed"), "{events}");
 }
+
+/// Container logs rotate at `--container-log-max-size` and keep
+/// `--container-log-max-files` files, and `kubectl logs -f` started before
+/// the rotations reads every line once, in order, across them.
+#[test]
+fn container_logs_rotate_and_follow_reads_across_rotations() {
+    use std::io::{BufRead, BufReader};
+    let c = Cluster::start_with(
+        0,
+        &[
+            "--container-log-max-size",
+            "4Ki",
+            "--container-log-max-files",
+            "3",
+        ],
+    );
+    c.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: chatty, namespace: default}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: host
+    command: [sh, -c, 'sleep 2; i=0; while [ $i -lt 400 ]; do echo "line $i"; i=$((i+1)); sleep 0.01; done; sleep 600']
+"#,
+    );
+    c.wait_ready("default", "chatty");
+    let mut follower = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.nodes[0].netns, cluster::KUBECTL])
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(["logs", "-f", "chatty"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("line 399") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = follower.kill();
+                panic!(
+                    "kubectl logs -f stopped or stalled after {} lines; last: {:?}",
+                    seen.len(),
+                    seen.last()
+                );
+            }
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let want: Vec<String> = (0..400).map(|i| format!("line {i}")).collect();
+    assert_eq!(
+        seen, want,
+        "every line once, in order, across the rotations"
+    );
+
+    // On disk: the current file and at most two rotated ones, each near
+    // the size limit.
+    let mut logs = Vec::new();
+    let mut stack = vec![c.nodes[0].agent_dir(true)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read_to_string(&p).is_ok_and(|t| t.contains(" stdout F line ")) {
+                logs.push(p);
+            }
+        }
+    }
+    assert!(
+        (2..=3).contains(&logs.len()),
+        "the container's log files: {logs:?}"
+    );
+    for p in &logs {
+        let len = std::fs::metadata(p).unwrap().len();
+        assert!(len < 4096 + 100, "{} is {len} bytes", p.display());
+    }
+    // `kubectl logs` without -f reads the current file: the newest lines
+    // (none if the last line happened to fill it up and rotate it).
+    let current = c.kubectl_ok(&["logs", "chatty"]);
+    let all: String = want.iter().map(|l| format!("{l}\n")).collect();
+    assert!(all.ends_with(&current), "{current}");
+    let current_file_empty = logs.iter().all(|p| {
+        !p.extension().is_some_and(|e| e == "log") || std::fs::metadata(p).unwrap().len() == 0
+    });
+    assert!(
+        current_file_empty || current.ends_with("line 399\n"),
+        "{current}"
+    );
+    assert!(!current.starts_with("line 0\n"), "{current}");
+}

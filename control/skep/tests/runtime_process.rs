@@ -49,6 +49,7 @@ impl Env {
             image_cache: tmp.path().join("images"),
             shim_exe: PathBuf::from(SKEP),
             cgroup_parent: unique("skep-test-"),
+            log_rotation: Default::default(),
         };
         let rt = ProcessRuntime::new(cfg.clone()).unwrap();
         let netns = NetNs::create(&unique("skrt")).unwrap();

@@ -14,6 +14,7 @@ use std::{
 };
 
 pub mod docker;
+pub mod logrotate;
 pub mod process;
 
 /// Labels every container carries so a restarted agent can find and

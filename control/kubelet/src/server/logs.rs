@@ -244,6 +244,20 @@ async fn read_more(file: &mut Option<tokio::fs::File>, path: &PathBuf, pos: &mut
         Ok(n) => *pos += n as u64,
         Err(e) => tracing::debug!(path = %path.display(), error = %e, "reading a log file failed"),
     }
+    // Rotated while we read: the old file is read to its end, the rest is
+    // in the new one (records never straddle the two).
+    if crate::runtime::logrotate::rotated_away(f, path).await {
+        *pos = 0;
+        *file = tokio::fs::File::open(path).await.ok();
+        if let Some(f) = file {
+            match f.read_to_end(&mut data).await {
+                Ok(n) => *pos = n as u64,
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "reading a log file failed")
+                }
+            }
+        }
+    }
     data
 }
 

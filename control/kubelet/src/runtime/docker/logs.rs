@@ -16,20 +16,41 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::runtime::logrotate::{self, LogRotation};
+
 /// How much of the file's end is read to find its last record.
 const TAIL: u64 = 64 * 1024;
 
 /// Starts following container `id` into `path`; the task ends with the
 /// container's output (it exits, or is removed).
-pub(crate) fn spawn(docker: Docker, id: String, path: PathBuf) -> tokio::task::JoinHandle<()> {
+pub(crate) fn spawn(
+    docker: Docker,
+    id: String,
+    path: PathBuf,
+    rotation: LogRotation,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = follow(&docker, &id, &path).await {
+        if let Err(e) = follow(&docker, &id, &path, rotation).await {
             tracing::debug!(container = %id, log = %path.display(), error = %e, "log follower stopped");
         }
     })
 }
 
-async fn follow(docker: &Docker, id: &str, path: &Path) -> Result<(), String> {
+async fn open_append(path: &Path) -> Result<tokio::fs::File, String> {
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
+async fn follow(
+    docker: &Docker,
+    id: &str,
+    path: &Path,
+    rotation: LogRotation,
+) -> Result<(), String> {
     let last = {
         let p = path.to_owned();
         tokio::task::spawn_blocking(move || last_timestamp(&p))
@@ -41,12 +62,12 @@ async fn follow(docker: &Docker, id: &str, path: &Path) -> Result<(), String> {
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    let mut file = open_append(path).await?;
+    let mut size = file
+        .metadata()
         .await
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .len();
     // Docker's `since` has whole seconds; records of that second already
     // written are skipped by timestamp below.
     let since = last
@@ -74,6 +95,16 @@ async fn follow(docker: &Docker, id: &str, path: &Path) -> Result<(), String> {
         file.write_all(&record)
             .await
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        size += record.len() as u64;
+        if size >= rotation.max_bytes {
+            let p = path.to_owned();
+            tokio::task::spawn_blocking(move || logrotate::rotate(&p, rotation.max_files))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("rotating {}: {e}", path.display()))?;
+            file = open_append(path).await?;
+            size = 0;
+        }
     }
     Ok(())
 }
@@ -113,7 +144,17 @@ fn cri_record(
 }
 
 /// The timestamp of the last record in a CRI log file, if any.
+/// The time of the last record written: in the current file, or (just
+/// after a rotation, when it is empty) in the newest rotated one.
 fn last_timestamp(path: &Path) -> Option<DateTime<Utc>> {
+    last_timestamp_in(path).or_else(|| {
+        logrotate::rotated(path)
+            .last()
+            .and_then(|p| last_timestamp_in(p))
+    })
+}
+
+fn last_timestamp_in(path: &Path) -> Option<DateTime<Utc>> {
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;

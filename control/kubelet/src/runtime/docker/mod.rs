@@ -62,6 +62,8 @@ pub struct DockerRuntime {
     followers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// Settled OOM verdicts of SIGKILLed containers (see `oom_event`).
     oom: Mutex<HashMap<String, bool>>,
+    /// When the followers rotate the CRI log files they write.
+    log_rotation: super::logrotate::LogRotation,
 }
 
 impl std::fmt::Debug for DockerRuntime {
@@ -95,7 +97,14 @@ impl DockerRuntime {
             docker,
             followers: Mutex::new(HashMap::new()),
             oom: Mutex::new(HashMap::new()),
+            log_rotation: super::logrotate::LogRotation::default(),
         })
+    }
+
+    /// Sets when the CRI log files are rotated (default: 10 MiB, 5 files).
+    pub fn with_log_rotation(mut self, rotation: super::logrotate::LogRotation) -> Self {
+        self.log_rotation = rotation;
+        self
     }
 
     /// Imports an image made of the host's static busybox (see
@@ -118,7 +127,12 @@ impl DockerRuntime {
             Some(h) => h.is_finished() && running,
         };
         if needed {
-            let h = logs::spawn(self.docker.clone(), id.to_owned(), path.to_owned());
+            let h = logs::spawn(
+                self.docker.clone(),
+                id.to_owned(),
+                path.to_owned(),
+                self.log_rotation,
+            );
             f.insert(id.to_owned(), h);
         }
     }

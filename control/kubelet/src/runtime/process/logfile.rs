@@ -2,7 +2,12 @@
 //! `<RFC3339Nano UTC> <stdout|stderr> <F|P> <text>\n`; lines longer than
 //! 16 KiB are split into `P` (partial) records ending with an `F` one.
 
-use std::{fs::File, io::Write, path::Path};
+use crate::runtime::logrotate::{self, LogRotation};
+use std::{
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 /// Longest text in one record.
 const MAX_RECORD: usize = 16 * 1024;
@@ -26,21 +31,33 @@ impl Stream {
 #[derive(Debug)]
 pub(crate) struct LogWriter {
     file: File,
+    path: PathBuf,
+    /// Bytes in the current file.
+    size: u64,
+    rotation: LogRotation,
     /// The unfinished line of each stream.
     pending: [Vec<u8>; 2],
 }
 
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
 impl LogWriter {
-    pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+    pub(crate) fn open(path: &Path, rotation: LogRotation) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = open_append(path)?;
+        let size = file.metadata()?.len();
         Ok(Self {
             file,
+            path: path.to_owned(),
+            size,
+            rotation,
             pending: [Vec::new(), Vec::new()],
         })
     }
@@ -55,8 +72,15 @@ impl LogWriter {
         line.extend_from_slice(text);
         line.push(b'\n');
         // One write per record so readers following the file see whole
-        // lines (O_APPEND).
-        self.file.write_all(&line)
+        // lines (O_APPEND); records never straddle two files.
+        self.file.write_all(&line)?;
+        self.size += line.len() as u64;
+        if self.size >= self.rotation.max_bytes {
+            logrotate::rotate(&self.path, self.rotation.max_files)?;
+            self.file = open_append(&self.path)?;
+            self.size = 0;
+        }
+        Ok(())
     }
 
     /// Adds output of `stream`, writing every completed line.
@@ -138,7 +162,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("skep-logfile-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.log");
-        let mut w = LogWriter::open(&path).unwrap();
+        let mut w = LogWriter::open(&path, LogRotation::default()).unwrap();
         w.write(Stream::Stdout, b"he").unwrap();
         w.write(Stream::Stderr, b"err\n").unwrap();
         w.write(Stream::Stdout, b"llo\nx").unwrap();
@@ -167,5 +191,48 @@ mod tests {
             ]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotates_at_the_size_limit_and_keeps_whole_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let rotation = LogRotation {
+            max_bytes: 1000,
+            max_files: 3,
+        };
+        let mut w = LogWriter::open(&path, rotation).unwrap();
+        for i in 0..100 {
+            w.write(Stream::Stdout, format!("line {i:03}\n").as_bytes())
+                .unwrap();
+        }
+        w.finish().unwrap();
+        let old = logrotate::rotated(&path);
+        assert_eq!(
+            old.len(),
+            2,
+            "max_files 3: the current file and two rotated"
+        );
+        let mut lines = Vec::new();
+        for f in old.iter().chain([&path]) {
+            let text = std::fs::read(f).unwrap();
+            assert!(
+                text.len() < 1000 + 64,
+                "{} is {} bytes",
+                f.display(),
+                text.len()
+            );
+            for l in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let (_, partial, t) = parse_record(l).unwrap();
+                assert!(!partial);
+                lines.push(String::from_utf8(t.to_vec()).unwrap());
+            }
+        }
+        // The newest records, in order, none cut: what older files held
+        // was dropped whole.
+        let first: usize = lines[0][5..].parse().unwrap();
+        let want: Vec<String> = (first..100).map(|i| format!("line {i:03}")).collect();
+        assert_eq!(lines, want);
+        assert!(first > 0, "something was rotated away");
     }
 }

@@ -59,6 +59,8 @@ pub struct ProcessRuntimeConfig {
     pub shim_exe: PathBuf,
     /// Top-level cgroup name: containers go to `<parent>/<pod-uid>/<id>`.
     pub cgroup_parent: String,
+    /// When the shims rotate their containers' log files.
+    pub log_rotation: crate::runtime::logrotate::LogRotation,
 }
 
 impl ProcessRuntimeConfig {
@@ -71,6 +73,7 @@ impl ProcessRuntimeConfig {
             shim_exe: std::env::current_exe()
                 .map_err(RuntimeError::io("finding the skep binary"))?,
             cgroup_parent: "skep".into(),
+            log_rotation: Default::default(),
         })
     }
 }
@@ -319,15 +322,15 @@ impl Inner {
             shim_exe: self.cfg.shim_exe.clone(),
             cgroup: cg,
             created_at: chrono::Utc::now(),
+            log_rotation: self.cfg.log_rotation,
         };
         write_json(dir, CONFIG_FILE, &cfg).map_err(RuntimeError::io("writing config.json"))?;
         if let Some(message) = start_error {
             tracing::info!(container = %id, %message, "container cannot start");
             // An empty log, so readers of it find the file.
-            logfile::LogWriter::open(&spec.log_path).map_err(RuntimeError::io(format!(
-                "creating {}",
-                spec.log_path.display()
-            )))?;
+            logfile::LogWriter::open(&spec.log_path, self.cfg.log_rotation).map_err(
+                RuntimeError::io(format!("creating {}", spec.log_path.display())),
+            )?;
             let now = chrono::Utc::now();
             let st = ShimState {
                 started_at: None,
@@ -580,6 +583,7 @@ impl Runtime for ProcessRuntime {
             .map_err(RuntimeError::io("seeking the log"))?;
         tokio::spawn(follow_log(
             tokio::fs::File::from_std(log),
+            cfg.spec.log_path.clone(),
             dir.clone(),
             out_w,
             (!tty).then_some(err_w),
@@ -730,6 +734,7 @@ impl AsyncRead for PtyReader {
 /// into stdout and stderr, until the container exits.
 async fn follow_log(
     mut file: tokio::fs::File,
+    log_path: PathBuf,
     dir: PathBuf,
     mut stdout: tokio::io::DuplexStream,
     mut stderr: Option<tokio::io::DuplexStream>,
@@ -761,6 +766,13 @@ async fn follow_log(
                     return;
                 }
             }
+            continue;
+        }
+        // Rotated: the old file is read to its end; go on in the new one.
+        if crate::runtime::logrotate::rotated_away(&file, &log_path).await
+            && let Ok(f) = tokio::fs::File::open(&log_path).await
+        {
+            file = f;
             continue;
         }
         if let Some(code) = exited {

@@ -116,7 +116,7 @@ fn supervise(dir: &Path, report: &mut File) -> Result<(), String> {
     let cfg: ContainerConfig = read_json(dir, CONFIG_FILE)
         .map_err(|e| format!("reading {}: {e}", dir.join(CONFIG_FILE).display()))?
         .ok_or_else(|| format!("{} is missing", dir.join(CONFIG_FILE).display()))?;
-    let mut log = LogWriter::open(&cfg.spec.log_path)
+    let mut log = LogWriter::open(&cfg.spec.log_path, cfg.log_rotation)
         .map_err(|e| format!("opening the log {}: {e}", cfg.spec.log_path.display()))?;
     let stdio = Stdio::new(&cfg, dir)?;
     let (err_rd, err_wr) = pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;

@@ -48,6 +48,9 @@ pub(crate) struct ContainerConfig {
     pub shim_exe: PathBuf,
     pub cgroup: Cgroup,
     pub created_at: DateTime<Utc>,
+    /// Absent in the configs of containers made before rotation existed.
+    #[serde(default)]
+    pub log_rotation: crate::runtime::logrotate::LogRotation,
 }
 
 /// How the container ended.
