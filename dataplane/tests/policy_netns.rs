@@ -764,3 +764,151 @@ fn reopened_policy_writes_nothing_and_enforcement_survives_a_reload() {
     let reopened = KernelPolicy::open(&pins).unwrap();
     assert!(reopened.enforcing().unwrap());
 }
+
+const SCTP: u8 = 132;
+
+/// A raw IPPROTO_SCTP socket: SCTP packets are sent and received without
+/// the kernel's SCTP module (this machine has none), which is all the
+/// datapath sees of SCTP: an IP protocol with ports where TCP's are.
+fn raw_sctp(pod: &Pod) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    pod.ns
+        .run(|| {
+            // SAFETY: plain socket(2); the fd is owned by the returned OwnedFd.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, i32::from(SCTP)) };
+            assert!(
+                fd >= 0,
+                "raw SCTP socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 300_000,
+            };
+            // SAFETY: setsockopt on the fd just made, with a timeval.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            assert_eq!(rc, 0);
+            // SAFETY: fd is a fresh socket owned by nobody else.
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+        })
+        .unwrap()
+}
+
+/// Sends one SCTP packet (common header + a dummy chunk) from `sock`.
+fn send_sctp(sock: &std::os::fd::OwnedFd, to: Ipv4Addr, sport: u16, dport: u16) {
+    use std::os::fd::AsRawFd;
+    let mut pkt = Vec::new();
+    pkt.extend_from_slice(&sport.to_be_bytes());
+    pkt.extend_from_slice(&dport.to_be_bytes());
+    pkt.extend_from_slice(&[0u8; 8]); // verification tag, checksum
+    pkt.extend_from_slice(&[1, 0, 0, 4]); // an INIT-typed chunk header
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(to).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sendto(2) with a live buffer and a sockaddr_in of its size.
+    let n = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(n, pkt.len() as isize, "{}", std::io::Error::last_os_error());
+}
+
+/// The (source, sport, dport) of SCTP packets `sock` receives until it
+/// has been quiet for its timeout.
+fn received_sctp(sock: &std::os::fd::OwnedFd) -> Vec<(Ipv4Addr, u16, u16)> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        // SAFETY: recv(2) into a live buffer of its length.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 24 {
+            return out;
+        }
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+        let sport = u16::from_be_bytes([buf[ihl], buf[ihl + 1]]);
+        let dport = u16::from_be_bytes([buf[ihl + 2], buf[ihl + 3]]);
+        out.push((src, sport, dport));
+    }
+}
+
+/// NetworkPolicy's SCTP ports are enforced like TCP's and UDP's: an
+/// ingress-isolated pod gets SCTP only from the allowed identity on the
+/// allowed port, a pod without isolation gets all of it, and the drops are
+/// reported as flows with protocol 132.
+#[test]
+fn sctp_ports_are_judged_by_policy() {
+    let (mut c, _servers) = cluster("sctp");
+    let rules = [(
+        rule(
+            1,
+            PolicyDirection::Ingress,
+            identity(0),
+            PortMatch::Range {
+                proto: SCTP,
+                first: 5000,
+                last: 5000,
+            },
+        ),
+        11,
+    )];
+    let s = c.state(&[(1, true, false)], &rules);
+    c.apply(&s);
+    let (a, b, o, d) = (c.pod(0).ip, c.pod(1).ip, c.pod(2).ip, c.pod(3).ip);
+    let rx1 = raw_sctp(c.pod(1));
+    let rx3 = raw_sctp(c.pod(3));
+    let tx0 = raw_sctp(c.pod(0));
+    let tx2 = raw_sctp(c.pod(2));
+    send_sctp(&tx0, b, 4000, 5000); // allowed
+    send_sctp(&tx0, b, 4001, 5001); // wrong port
+    send_sctp(&tx2, b, 4002, 5000); // wrong identity
+    send_sctp(&tx0, d, 4003, 5001); // pod3 is not isolated
+    assert_eq!(received_sctp(&rx1), vec![(a, 4000, 5000)]);
+    assert_eq!(received_sctp(&rx3), vec![(a, 4003, 5001)]);
+    assert_eq!(
+        s.evaluate(b, PolicyDirection::Ingress, a, SCTP, 5000),
+        Verdict::Allowed(11)
+    );
+
+    let flows = c.flows(Duration::from_millis(300));
+    let ok = find(&flows, "admitted SCTP pod0 → pod1:5000", |f| {
+        f.proto == SCTP
+            && f.src == a
+            && f.dport == 5000
+            && f.observation == Observation::ToPod
+            && f.verdict == FlowVerdict::Forwarded
+    });
+    assert_eq!(ok.policy_id, 11);
+    for (src, dport) in [(a, 5001), (o, 5000)] {
+        let d = find(&flows, "denied SCTP to pod1", |f| {
+            f.proto == SCTP
+                && f.src == src
+                && f.dport == dport
+                && f.observation == Observation::ToPod
+        });
+        assert_eq!(
+            (d.verdict, d.drop_reason),
+            (FlowVerdict::Dropped, DropReason::PolicyIngress)
+        );
+    }
+}

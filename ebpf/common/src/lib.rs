@@ -149,6 +149,10 @@ pub struct IfaceStats {
 /// IP protocol numbers the load balancer handles.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// SCTP: judged by NetworkPolicy (its ports sit where TCP's and UDP's do),
+/// never load-balanced (its CRC32c covers the ports, so no incremental
+/// rewrite, and skep's Services carry TCP and UDP only).
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// Default sizes of the load balancer's maps (`LbSettings::default`);
 /// userspace sets them at load time (`EbpfLoader::map_max_entries`), the

@@ -13,7 +13,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use skep_ebpf_common::{
-    CFG_F_FLOWS, CFG_F_POLICY, CT_DIR_REPLY, CT_F_HAIRPIN, CtKey, CtValue, LbConfig, LbCounter,
+    CFG_F_FLOWS, CFG_F_POLICY, CT_DIR_REPLY, CT_F_HAIRPIN, CtKey, CtValue, IPPROTO_SCTP, LbConfig,
+    LbCounter,
 };
 
 use crate::{
@@ -52,6 +53,16 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
+    if p.proto == IPPROTO_SCTP {
+        // Policy only: SCTP is never load-balanced (IPPROTO_SCTP).
+        if cfg.flags & (CFG_F_POLICY | CFG_F_FLOWS) != 0 {
+            let now = unsafe { bpf_ktime_get_ns() };
+            if !policy::egress(ctx, cfg, p, p.daddr, p.dport, (0, 0), now) {
+                return Ok(TC_ACT_SHOT as i32);
+            }
+        }
+        return Ok(TC_ACT_OK as i32);
+    }
     if p.daddr == cfg.hairpin_addr && cfg.hairpin_addr != 0 {
         // A pod answering a hairpin connection: the client is the pod
         // itself. Restore the destination; the to-pod hook then restores the

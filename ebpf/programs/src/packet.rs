@@ -3,7 +3,7 @@
 //! us and keeps the verifier happy with the variable IP header length.
 
 use aya_ebpf::programs::TcContext;
-use skep_ebpf_common::{IPPROTO_TCP, IPPROTO_UDP};
+use skep_ebpf_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -63,7 +63,7 @@ pub fn parse(ctx: &TcContext) -> Result<Packet, Skip> {
         return Err(Skip::NotOurs);
     }
     let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Skip::NotOurs)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
         return Err(Skip::NotOurs);
     }
     let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Skip::NotOurs)?;

@@ -54,6 +54,10 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn reverse_nat(ctx: &TcContext, p: &Packet, now: u64) -> Result<(), i64> {
+    // Never load-balanced, so never translated back (IPPROTO_SCTP).
+    if p.proto == skep_ebpf_common::IPPROTO_SCTP {
+        return Ok(());
+    }
     let Some(entry) = conntrack::lookup(&conntrack::reply_key(p)) else {
         return Ok(());
     };

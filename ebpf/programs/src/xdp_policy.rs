@@ -17,7 +17,8 @@ use aya_ebpf::{
 };
 use skep_ebpf_common::{
     CFG_F_FLOWS, CFG_F_POLICY, CtKey, DIR_INGRESS, DROP_POLICY_INGRESS, EP_F_INGRESS_ISOLATED,
-    EndpointValue, FlowEvent, ID_ANY, ID_HOST, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, LbConfig,
+    EndpointValue, FlowEvent, ID_ANY, ID_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue,
+    LbConfig,
     LbCounter, OBS_XDP, PCT_F_INGRESS_OK, POLICY_ID_NONE, POLICY_PREFIX_EXACT, PolicyKey,
     VERDICT_DROPPED,
 };
@@ -138,7 +139,7 @@ fn parse(ctx: &XdpContext) -> Option<Tuple> {
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 9)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
         return None;
     }
     // Non-first fragments carry no ports: the pod hook decides.
