@@ -12,15 +12,14 @@
 //! bookkeeping): this program never writes a map other than its counter.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp,
-    maps::lpm_trie::Key, programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp, maps::lpm_trie::Key,
+    programs::XdpContext,
 };
 use skep_ebpf_common::{
     CFG_F_FLOWS, CFG_F_POLICY, CtKey, DIR_INGRESS, DROP_POLICY_INGRESS, EP_F_INGRESS_ISOLATED,
-    EndpointValue, FlowEvent, ID_ANY, ID_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue,
-    LbConfig,
-    LbCounter, OBS_XDP, PCT_F_INGRESS_OK, POLICY_ID_NONE, POLICY_PREFIX_EXACT, PolicyKey,
-    VERDICT_DROPPED,
+    EndpointValue, FlowEvent, ID_ANY, ID_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    IpcacheValue, LbConfig, LbCounter, OBS_XDP, PCT_F_INGRESS_OK, POLICY_ID_NONE,
+    POLICY_PREFIX_EXACT, PolicyKey, VERDICT_DROPPED,
 };
 
 use crate::{
