@@ -514,7 +514,7 @@ spec:
     let all: String = want.iter().map(|l| format!("{l}\n")).collect();
     assert!(all.ends_with(&current), "{current}");
     let current_file_empty = logs.iter().all(|p| {
-        !p.extension().is_some_and(|e| e == "log") || std::fs::metadata(p).unwrap().len() == 0
+        p.extension().is_none_or(|e| e != "log") || std::fs::metadata(p).unwrap().len() == 0
     });
     assert!(
         current_file_empty || current.ends_with("line 399\n"),
