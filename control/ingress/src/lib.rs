@@ -7,6 +7,7 @@
 //! IngressClass (see [`class_manifest`]) and the Ingresses' status (see
 //! [`status`]).
 
+pub mod fast;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -2,9 +2,12 @@
 //! plain port, ALPN `h2`/`http/1.1` on TLS) in, HTTP/1.1 to the Service's
 //! ready endpoints out, over pooled keep-alive connections per endpoint
 //! and worker ([`crate::upstream`]; upgrades through hyper's client,
-//! [`crate::pool`]). Plain-HTTP requests to a host some Ingress serves
-//! over TLS are answered `308` to `https://` (unless that Ingress turns
-//! `ssl-redirect` off).
+//! [`crate::pool`]). HTTP/1.1 connections (plain, and TLS unless ALPN
+//! chose h2) start on the fast path ([`crate::fast`]), which hands them
+//! to the hyper server here for what it does not serve itself (upgrades,
+//! h2c, HTTP/1.0, `Expect`, malformed heads). Plain-HTTP requests to a
+//! host some Ingress serves over TLS are answered `308` to `https://`
+//! (unless that Ingress turns `ssl-redirect` off).
 //!
 //! Every request reads the current routing [`Snapshot`] once (an
 //! `ArcSwap` load), so a reload swaps the table between two requests and
@@ -102,15 +105,15 @@ pub struct Proxy {
 /// What the request path needs of its connection, made once per
 /// connection rather than per request.
 #[derive(Debug)]
-struct Conn {
-    peer: SocketAddr,
-    https: bool,
+pub(crate) struct Conn {
+    pub(crate) peer: SocketAddr,
+    pub(crate) https: bool,
     /// The client's address as a header value (X-Forwarded-For).
-    client_ip: HeaderValue,
+    pub(crate) client_ip: HeaderValue,
     /// The worker's upstream connections for upgrades (hyper's client).
     pool: Arc<Pool>,
     /// The worker's upstream connections for everything else.
-    h1: Arc<upstream::Pool>,
+    pub(crate) h1: Arc<upstream::Pool>,
 }
 
 /// A worker's upstream connection pools.
@@ -234,6 +237,17 @@ impl Proxy {
         self.https_port.store(port, Ordering::Relaxed);
     }
 
+    /// Whether the first full table was installed (before: every
+    /// request is 503).
+    pub(crate) fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// The HTTPS listener's port (0: none).
+    pub(crate) fn https_port(&self) -> u16 {
+        self.https_port.load(Ordering::Relaxed)
+    }
+
     /// Installs a new routing table (all requests after this use it).
     pub fn update(&self, snapshot: Snapshot) {
         self.snapshot.store(Arc::new(snapshot));
@@ -263,11 +277,8 @@ impl Proxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let proxy = self.clone();
             let conn = Conn::new(peer, false, pool.clone());
-            tokio::spawn(async move {
-                proxy.serve_conn(TokioIo::new(stream), conn).await;
-            });
+            tokio::spawn(crate::fast::serve(self.clone(), stream, conn));
         }
     }
 
@@ -296,7 +307,15 @@ impl Proxy {
             let conn = Conn::new(peer, true, pool.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => proxy.serve_conn(TokioIo::new(tls), conn).await,
+                    Ok(Ok(tls)) => {
+                        // h2 stays on hyper; HTTP/1.1 (ALPN or none)
+                        // takes the fast path like plain connections.
+                        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            proxy.serve_conn(TokioIo::new(tls), conn).await
+                        } else {
+                            crate::fast::serve(proxy, tls, conn).await
+                        }
+                    }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -304,7 +323,8 @@ impl Proxy {
         }
     }
 
-    async fn serve_conn<I>(self: Arc<Self>, io: I, conn: Conn)
+    /// Serves a connection with hyper (HTTP/1.1 with upgrades, HTTP/2).
+    pub(crate) async fn serve_conn<I>(self: Arc<Self>, io: I, conn: Conn)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -343,7 +363,7 @@ impl Proxy {
                         req.uri().path_and_query(),
                     );
                     b.stats.observe(308, started.elapsed());
-                    access_log(&req, peer, &host, 308, None, Some(b), started);
+                    access_log_req(&req, peer, &host, 308, None, Some(b), started);
                     return resp;
                 }
                 b => b.cloned(),
@@ -355,7 +375,7 @@ impl Proxy {
                 "no Ingress rule matches this request\n",
             );
             self.registry.unmatched.observe(404, started.elapsed());
-            access_log(&req, peer, &host, 404, None, None, started);
+            access_log_req(&req, peer, &host, 404, None, None, started);
             return resp;
         };
         // Borrowed from the request, which is taken apart below.
@@ -437,24 +457,19 @@ impl Proxy {
             let Some(mut up) = pending.take() else { break };
             // Origin form on the wire.
             *up.uri_mut() = Uri::from(path_and_query.clone());
+            let done = Done {
+                method: &method,
+                pq: &path_and_query,
+                peer,
+                host: original_host.as_ref(),
+                endpoint,
+                backend: &backend,
+                started,
+            };
             if client_upgrade.is_none() {
                 match conn.h1.send(endpoint, up, &fwd, authority).await {
                     Ok(resp) => {
-                        let (mut rparts, rbody) = resp.into_parts();
-                        strip_hop_by_hop(&mut rparts.headers);
-                        let code = rparts.status.as_u16();
-                        backend.stats.observe(code, started.elapsed());
-                        access_log_parts(
-                            &method,
-                            &path_and_query,
-                            peer,
-                            log_host(original_host.as_ref()),
-                            code,
-                            Some(endpoint),
-                            Some(&backend),
-                            started,
-                        );
-                        return Response::from_parts(rparts, Either::Left(Either::Left(rbody)));
+                        return done.respond(resp, |b| Either::Left(Either::Left(b)));
                     }
                     Err((e @ upstream::UpstreamError::Connect(..), Some(back)))
                         if attempt + 1 < attempts =>
@@ -486,21 +501,7 @@ impl Proxy {
                             Either::Right(Full::new(Bytes::new())),
                         );
                     }
-                    let (mut rparts, rbody) = resp.into_parts();
-                    strip_hop_by_hop(&mut rparts.headers);
-                    let code = rparts.status.as_u16();
-                    backend.stats.observe(code, started.elapsed());
-                    access_log_parts(
-                        &method,
-                        &path_and_query,
-                        peer,
-                        log_host(original_host.as_ref()),
-                        code,
-                        Some(endpoint),
-                        Some(&backend),
-                        started,
-                    );
-                    return Response::from_parts(rparts, Either::Left(Either::Right(rbody)));
+                    return done.respond(resp, |b| Either::Left(Either::Right(b)));
                 }
                 Err((e @ UpstreamError::Connect(..), Some(back))) if attempt + 1 < attempts => {
                     tracing::debug!(%endpoint, error = %e, "upstream connect failed; trying the next endpoint");
@@ -521,9 +522,9 @@ impl Proxy {
             (StatusCode::BAD_GATEWAY, "the upstream did not answer\n")
         };
         backend.stats.observe(status.as_u16(), started.elapsed());
-        access_log_parts(
-            &method,
-            &path_and_query,
+        access_log(
+            method.as_str(),
+            path_and_query.as_str(),
             peer,
             log_host(original_host.as_ref()),
             status.as_u16(),
@@ -532,6 +533,40 @@ impl Proxy {
             started,
         );
         local(status, text)
+    }
+}
+
+/// What finishing a proxied request needs (both upstream clients).
+#[derive(Clone, Copy)]
+struct Done<'a> {
+    method: &'a http::Method,
+    pq: &'a PathAndQuery,
+    peer: SocketAddr,
+    host: Option<&'a HeaderValue>,
+    endpoint: SocketAddr,
+    backend: &'a crate::routes::Backend,
+    started: Instant,
+}
+
+impl Done<'_> {
+    /// The upstream's answer to the client: hop-by-hop headers dropped,
+    /// counted and logged.
+    fn respond<B>(self, resp: Response<B>, wrap: impl FnOnce(B) -> RespBody) -> Response<RespBody> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let code = parts.status.as_u16();
+        self.backend.stats.observe(code, self.started.elapsed());
+        access_log(
+            self.method.as_str(),
+            self.pq.as_str(),
+            self.peer,
+            log_host(self.host),
+            code,
+            Some(self.endpoint),
+            Some(self.backend),
+            self.started,
+        );
+        Response::from_parts(parts, wrap(body))
     }
 }
 
@@ -582,7 +617,7 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn access_log(
+fn access_log_req(
     req: &Request<Incoming>,
     peer: SocketAddr,
     host: &str,
@@ -591,14 +626,9 @@ fn access_log(
     backend: Option<&crate::routes::Backend>,
     started: Instant,
 ) {
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    access_log_parts(
-        req.method(),
-        &pq,
+    access_log(
+        req.method().as_str(),
+        req.uri().path_and_query().map_or("/", PathAndQuery::as_str),
         peer,
         host,
         code,
@@ -608,10 +638,11 @@ fn access_log(
     );
 }
 
+/// One access-log line (target `skep::ingress::access`).
 #[allow(clippy::too_many_arguments)]
-fn access_log_parts(
-    method: &http::Method,
-    pq: &PathAndQuery,
+pub(crate) fn access_log(
+    method: &str,
+    pq: &str,
     peer: SocketAddr,
     host: &str,
     code: u16,
@@ -622,9 +653,9 @@ fn access_log_parts(
     tracing::info!(
         target: "skep::ingress::access",
         client = %peer.ip(),
-        %method,
+        method,
         host,
-        path = %pq,
+        path = pq,
         status = code,
         upstream = %endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
         ingress = backend.map(|b| &*b.ingress).unwrap_or("-"),

@@ -43,7 +43,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_IDLE: usize = 1024;
 /// Response heads larger than this are refused (nginx's default large
 /// header buffers are 4 × 8 KiB).
-const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Read size from the upstream socket.
 const READ_CHUNK: usize = 16 * 1024;
@@ -131,9 +131,9 @@ pub enum UpstreamError {
 
 /// One keep-alive connection and what was read beyond the last response.
 #[derive(Debug)]
-struct Conn {
-    stream: TcpStream,
-    rbuf: BytesMut,
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) rbuf: BytesMut,
     /// Reused between requests for the serialized head.
     wbuf: Vec<u8>,
 }
@@ -169,7 +169,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn take(&self, ep: SocketAddr) -> Option<Conn> {
+    pub(crate) fn take(&self, ep: SocketAddr) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = &mut idle.iter_mut().find(|(a, _)| *a == ep)?.1;
         while let Some(mut c) = list.pop() {
@@ -180,7 +180,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, ep: SocketAddr, c: Conn) {
+    pub(crate) fn put(&self, ep: SocketAddr, c: Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let i = match idle.iter().position(|(a, _)| *a == ep) {
             Some(i) => i,
@@ -198,7 +198,7 @@ impl Pool {
         }
     }
 
-    async fn connect(ep: SocketAddr) -> Result<Conn, UpstreamError> {
+    pub(crate) async fn connect(ep: SocketAddr) -> Result<Conn, UpstreamError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep))
             .await
             .map_err(|_| UpstreamError::Connect(ep, "timed out".into()))?
@@ -452,7 +452,7 @@ async fn read_head<R: AsyncRead + Unpin>(
 }
 
 /// Reads what the socket has into `buf` (growing it by a chunk).
-fn poll_read_buf<R: AsyncRead + Unpin>(
+pub(crate) fn poll_read_buf<R: AsyncRead + Unpin>(
     stream: &mut R,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,

@@ -848,3 +848,532 @@ async fn a_taken_port_is_not_shared_between_proxies() {
     let bound = skep_ingress::serve(skep_ingress::new_proxy(), &args).await;
     assert_eq!(bound.http, None, "a port held by another socket");
 }
+
+// ---------------------------------------------------------------------
+// The HTTP/1.1 fast path (control/ingress/src/fast.rs), spoken to with raw
+// bytes so what goes over the wire is what is asserted.
+
+/// A response read off a raw connection: status, headers (names
+/// lower-case), the body decoded from its framing, and whether the
+/// framing was chunked.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    chunked: bool,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads more of `s` into `buf`: the byte count (0 at its end), or an
+/// error after 10 s.
+async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, tokio::time::error::Elapsed> {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 16384];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut b)).await?;
+    let n = n.unwrap();
+    buf.extend_from_slice(&b[..n]);
+    Ok(n)
+}
+
+/// Reads one response from `s`; `buf` keeps what was read beyond it (the
+/// next pipelined answer). Panics on a malformed answer or after 10 s.
+async fn read_raw(s: &mut TcpStream, buf: &mut Vec<u8>) -> Raw {
+    read_raw_to(s, buf, false).await
+}
+
+/// [`read_raw`] for an answer to HEAD (`head`: no body whatever the
+/// headers say).
+async fn read_raw_to(s: &mut TcpStream, buf: &mut Vec<u8>, head: bool) -> Raw {
+    let (status, headers, len) = loop {
+        let mut storage = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut storage);
+        if let httparse::Status::Complete(len) = resp.parse(buf).unwrap() {
+            let headers = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect::<Vec<_>>();
+            break (resp.code.unwrap(), headers, len);
+        }
+        let n = more(s, buf).await.expect("a response head within 10 s");
+        assert!(n > 0, "closed before a full head: {buf:?}");
+    };
+    buf.drain(..len);
+    let mut raw = Raw {
+        status,
+        headers,
+        body: Vec::new(),
+        chunked: false,
+    };
+    if head {
+        return raw;
+    }
+    if let Some(l) = raw.header("content-length") {
+        let l: usize = l.parse().unwrap();
+        while buf.len() < l {
+            let n = more(s, buf).await.expect("the body within 10 s");
+            assert!(n > 0, "closed mid-body");
+        }
+        raw.body = buf.drain(..l).collect();
+    } else if raw.header("transfer-encoding") == Some("chunked") {
+        raw.chunked = true;
+        loop {
+            let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                let n = more(s, buf).await.expect("a chunk within 10 s");
+                assert!(n > 0, "closed mid-chunk");
+                continue;
+            };
+            let size = usize::from_str_radix(std::str::from_utf8(&buf[..eol]).unwrap(), 16)
+                .expect("the proxy's chunk sizes are plain hex");
+            while buf.len() < eol + 2 + size + 2 {
+                let n = more(s, buf).await.expect("chunk data within 10 s");
+                assert!(n > 0, "closed mid-chunk");
+            }
+            raw.body.extend_from_slice(&buf[eol + 2..eol + 2 + size]);
+            assert_eq!(&buf[eol + 2 + size..eol + 4 + size], b"\r\n");
+            buf.drain(..eol + 4 + size);
+            if size == 0 {
+                break;
+            }
+        }
+    }
+    raw
+}
+
+/// Reads until the proxy closes the connection (false after 5 s).
+async fn closes(s: &mut TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 1024];
+    tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// An upstream that reads a request head (and a Content-Length body) and
+/// answers `reply` verbatim, then closes the connection.
+async fn scripted_upstream(reply: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(reply).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn fast_proxy(services: &[(&str, SocketAddr)]) -> (Arc<Proxy>, SocketAddr) {
+    let (proxy, http, _) = start_proxy().await;
+    let mut objs = Objects::default();
+    class(&mut objs);
+    let mut rules = Vec::new();
+    for (name, addr) in services {
+        service(&mut objs, name, &[*addr]);
+        rules.push(json!({"host": format!("{name}.test"), "http": {"paths": [path("/", name)]}}));
+    }
+    objs.ingresses.insert(
+        "d/fast".into(),
+        json!({"metadata": {"name": "fast", "namespace": "d"}, "spec": {"rules": rules}}),
+    );
+    build(&proxy, &objs, &mut CertCache::default());
+    (proxy, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_pipelining_split_heads_and_closes() {
+    use tokio::io::AsyncWriteExt;
+    let (_proxy, http) = fast_proxy(&[("f", framing_upstream().await)]).await;
+
+    // Three pipelined requests in one write, one with a body: three
+    // answers in order on the same connection.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(
+        b"GET /chunked HTTP/1.1\r\nHost: f.test\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: f.test\r\nContent-Length: 5\r\n\r\nhello\
+          HEAD /big HTTP/1.1\r\nHost: f.test\r\n\r\n\
+          GET /nothing HTTP/1.1\r\nHost: f.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(r.status, 200);
+    assert!(r.chunked, "a chunked answer stays chunked: {:?}", r.headers);
+    assert_eq!(r.body.len(), 4 + 70_000 + 6);
+    assert!(r.body.starts_with(b"one,x") && r.body.ends_with(b"x,three"));
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"POST te= cl=5 body=hello"[..])
+    );
+    let r = read_raw_to(&mut s, &mut buf, true).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("1048576"));
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(r.status, 204);
+    assert!(buf.is_empty(), "nothing after the fourth answer: {buf:?}");
+
+    // A head split across reads (one write per piece, with pauses).
+    let pieces: [&[u8]; 5] = [
+        b"GE",
+        b"T /echo?split=1 HT",
+        b"TP/1.1\r\nHo",
+        b"st: f.test\r\nX-A: 1\r",
+        b"\n\r\n",
+    ];
+    for p in pieces {
+        s.write_all(p).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"GET te= cl= body="[..])
+    );
+
+    // The upstream's `Connection: close` ends only the upstream
+    // connection: the client's goes on, without being told to close.
+    s.write_all(b"GET /close HTTP/1.1\r\nHost: f.test\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"closing"[..]));
+    assert_eq!(r.header("connection"), None, "{:?}", r.headers);
+    // The client's `Connection: close`: answered with it, then closed.
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: f.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(
+        closes(&mut s).await,
+        "the proxy closes after Connection: close"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_chunked_bodies_and_close_delimited_answers() {
+    use tokio::io::AsyncWriteExt;
+    let f = framing_upstream().await;
+    let eof = scripted_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the upstream closes",
+    )
+    .await;
+    let (_proxy, http) = fast_proxy(&[("f", f), ("eof", eof)]).await;
+    let mut s = TcpStream::connect(http).await.unwrap();
+    let mut buf = Vec::new();
+
+    // A chunked request body with an extension and a trailer, its chunks
+    // spread over several writes: decoded and sent upstream re-chunked.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: f.test\r\nTransfer-Encoding: chunked\r\n\r\n5;name=v\r\nhello\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    s.write_all(b"7\r\n, world\r\n0\r\nx-trailer: t\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).as_ref()),
+        (200, "POST te=chunked cl= body=hello, world")
+    );
+
+    // A large Content-Length body, most of it sent after the head.
+    let big = vec![b'z'; 300_000];
+    s.write_all(
+        format!(
+            "PUT /echo HTTP/1.1\r\nHost: f.test\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&big).await.unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    let prefix = format!("PUT te= cl={} body=", big.len());
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.starts_with(prefix.as_bytes())
+            && r.body.len() == prefix.len() + big.len()
+            && r.body[prefix.len()..].iter().all(|b| *b == b'z'),
+        "the whole body went through"
+    );
+
+    // An answer without length, ended by the upstream's close: the client
+    // gets it chunked and its connection stays usable.
+    for round in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: eof.test\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_raw(&mut s, &mut buf).await;
+        assert_eq!(r.status, 200, "round {round}");
+        assert!(r.chunked, "re-framed as chunked: {:?}", r.headers);
+        assert_eq!(r.body, b"until the upstream closes", "round {round}");
+        assert_eq!(r.header("content-type"), Some("text/plain"));
+        assert!(r.header("date").is_some(), "a Date is added when missing");
+    }
+
+    // A malformed chunked body: 400 and the connection closes.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: f.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(r.status, 400);
+    assert!(closes(&mut s).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_hands_what_it_does_not_serve_to_hyper() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (f, ws) = (framing_upstream().await, upgrade_upstream().await);
+    let (_proxy, http) = fast_proxy(&[("f", f), ("ws", ws)]).await;
+
+    // A plain request first (fast path), then an Upgrade on the same
+    // connection: hyper takes over with the bytes already read and
+    // splices the upgraded connection.
+    let mut buf = Vec::new();
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: f.test\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"GET te= cl= body="[..])
+    );
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let r = read_raw(&mut s, &mut buf).await;
+    assert_eq!(r.status, 101);
+    assert_eq!(r.header("upgrade"), Some("echo"));
+    s.write_all(b"spliced after a fast-path request")
+        .await
+        .unwrap();
+    let mut echoed = buf.clone();
+    while echoed.len() < 33 {
+        let mut b = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut b))
+            .await
+            .expect("echo within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before the echo");
+        echoed.extend_from_slice(&b[..n]);
+    }
+    assert_eq!(echoed, b"spliced after a fast-path request");
+
+    // HTTP/1.0 goes to hyper, which answers it too.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET /echo HTTP/1.0\r\nHost: f.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("HTTP/1.0 answered and closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(text.ends_with("GET te= cl= body="), "{text}");
+
+    // h2c with prior knowledge on the plain port: hyper's HTTP/2.
+    let tcp = TcpStream::connect(http).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get("http://f.test/echo")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"GET te= cl= body=");
+
+    // Garbage: hyper answers 400.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost f.test\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw(&mut s, &mut Vec::new()).await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_refuses_oversize_heads_with_431() {
+    use tokio::io::AsyncWriteExt;
+    let (_proxy, http) = fast_proxy(&[("f", framing_upstream().await)]).await;
+    // One 70 KiB header (the limit is 64 KiB).
+    let mut s = TcpStream::connect(http).await.unwrap();
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: f.test\r\nX-Big: {}\r\n\r\n",
+        "v".repeat(70 * 1024)
+    );
+    // The proxy may close before it has read everything: a failed write
+    // is expected then, the answer is what counts.
+    let _ = s.write_all(head.as_bytes()).await;
+    let r = read_raw(&mut s, &mut Vec::new()).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(
+        r.body, b"request header fields too large\n",
+        "answered by the fast path itself"
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(closes(&mut s).await);
+    // More than 100 headers.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: f.test\r\n");
+    for i in 0..120 {
+        head.push_str(&format!("X-H{i}: {i}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let r = read_raw(&mut s, &mut Vec::new()).await;
+    assert_eq!(r.status, 431);
+    // A head just under the limit is served.
+    let mut s = TcpStream::connect(http).await.unwrap();
+    let head = format!(
+        "GET /echo HTTP/1.1\r\nHost: f.test\r\nX-Big: {}\r\n\r\n",
+        "v".repeat(60 * 1024)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let r = read_raw(&mut s, &mut Vec::new()).await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"GET te= cl= body="[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_alpn_http11_takes_the_fast_path() {
+    let (proxy, _, https) = start_proxy().await;
+    let f = framing_upstream().await;
+    let a = upstream("alpha").await;
+    let pki = Pki::new();
+    let mut objs = Objects::default();
+    class(&mut objs);
+    service(&mut objs, "f", &[f]);
+    service(&mut objs, "a", &[a]);
+    let cert = pki.leaf(&["f.test"]);
+    tls_secret(&mut objs, "cert", "1", &cert);
+    objs.ingresses.insert(
+        "d/tls".into(),
+        json!({"metadata": {"name": "tls", "namespace": "d"},
+               "spec": {"tls": [{"hosts": ["f.test"], "secretName": "cert"}],
+                        "rules": [{"host": "f.test", "http": {"paths": [path("/", "f"), path("/who", "a")]}}]}}),
+    );
+    build(&proxy, &objs, &mut CertCache::default());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(https).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("f.test".to_owned()).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Several requests on the one TLS connection: forwarded headers say
+    // https, bodies both ways.
+    for i in 0..3 {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::get("/who")
+                    .header("host", "f.test")
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.starts_with("alpha\n") && body.contains("proto=https\n"),
+            "request {i}: {body}"
+        );
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::post("/echo")
+                    .header("host", "f.test")
+                    .body(http_body_util::Full::new(Bytes::from(format!(
+                        "tls body {i}"
+                    ))))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("POST te= cl=10 body=tls body {i}"));
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::get("/chunked")
+                    .header("host", "f.test")
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 4 + 70_000 + 6, "request {i}");
+    }
+}
