@@ -287,32 +287,29 @@ impl Api {
             crd::set_status(obj);
             return Ok(());
         }
+        let mode = crate::strict::Mode::of(query);
         let Some(schema) = &info.schema else {
-            if query.get("fieldValidation").map(String::as_str) == Some("Strict") {
-                let av = obj
-                    .get("apiVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned();
-                let unknown =
-                    crate::strict::unknown_fields(&av, &info.kind, obj).unwrap_or_default();
-                if !unknown.is_empty() {
-                    let list: Vec<String> = unknown
-                        .iter()
-                        .map(|f| format!("unknown field \"{f}\""))
-                        .collect();
-                    return Err(ApiError::bad_request(format!(
-                        "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
-                        info.kind,
-                        info.api_version(),
-                        info.kind,
-                        list.join(", ")
-                    )));
-                }
+            let av = obj
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if let Err(unknown) = crate::strict::check_built_in(&av, &info.kind, obj, mode) {
+                let list: Vec<String> = unknown
+                    .iter()
+                    .map(|f| format!("unknown field \"{f}\""))
+                    .collect();
+                return Err(ApiError::bad_request(format!(
+                    "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                    info.kind,
+                    info.api_version(),
+                    info.kind,
+                    list.join(", ")
+                )));
             }
             return Ok(());
         };
-        let unknown = if query.get("fieldValidation").map(String::as_str) == Some("Strict") {
+        let unknown = if mode == crate::strict::Mode::Strict {
             crd::Unknown::Strict
         } else {
             crd::Unknown::Prune
@@ -321,6 +318,11 @@ impl Api {
         let pruned = crd::validate_object(schema, obj, unknown, &mut causes);
         if !pruned.is_empty() {
             tracing::debug!(kind = %info.kind, %name, ?pruned, "unknown fields pruned");
+            if mode == crate::strict::Mode::Warn {
+                for p in &pruned {
+                    crate::strict::warn(format!("unknown field \"{p}\""));
+                }
+            }
         }
         if causes.is_empty() {
             Ok(())

@@ -279,6 +279,43 @@ fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code(), &e.to_status(), "application/json")
 }
 
+/// A resource response: Kubernetes protobuf when the client prefers it and
+/// the object is of a built-in kind (as kube-apiserver, which serves custom
+/// resources in JSON only), JSON otherwise. An object the encoder cannot
+/// express goes out as JSON, which every client also accepts.
+fn respond(status: u16, v: &Value, proto: bool) -> Response<Body> {
+    if proto && crate::protobuf::can_encode(v) {
+        match crate::protobuf::encode(v) {
+            Ok(body) => {
+                return Response::builder()
+                    .status(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    )
+                    .header(header::CONTENT_TYPE, crate::protobuf::CONTENT_TYPE)
+                    .body(full(body))
+                    .unwrap_or_else(|_| Response::new(full(Bytes::new())));
+            }
+            Err(e) => tracing::debug!(error = %e, "answering in JSON: protobuf encoding failed"),
+        }
+    }
+    json_response(status, v, "application/json")
+}
+
+/// An error as a `Status`, in protobuf when the client prefers it.
+fn error_response_as(e: &ApiError, proto: bool) -> Response<Body> {
+    respond(e.code(), &e.to_status(), proto)
+}
+
+/// Whether a resource request is answered in protobuf: the client prefers
+/// it, no Table is asked for, and the resource is built in (custom
+/// resources have a schema of their own and no protobuf form).
+fn protobuf_for(accept: &str, info: &crate::resources::ResourceInfo) -> bool {
+    crate::protobuf::preferred(accept)
+        && !accept.contains("as=Table")
+        && info.schema.is_none()
+        && crate::protobuf::schema::for_kind(&info.api_version(), &info.kind).is_some()
+}
+
 fn text_response(status: u16, text: impl Into<Bytes>, content_type: &str) -> Response<Body> {
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::OK))
@@ -627,18 +664,33 @@ async fn handle(
                     name: r.name.clone().unwrap_or_default(),
                     path: None,
                 };
+                let proto = protobuf_for(
+                    req.headers()
+                        .get(header::ACCEPT)
+                        .and_then(|a| a.to_str().ok())
+                        .unwrap_or(""),
+                    &r.info,
+                );
                 let resp = if !state.authorizer.authorize(&user, &attrs).0 {
-                    error_response(&forbidden(&user, &attrs))
+                    error_response_as(&forbidden(&user, &attrs), proto)
                 } else if node_proxy::is_node_subresource(&r) {
                     match state.node_proxy.handle(&state.api, req, &r).await {
                         Ok(resp) => resp,
                         Err(e) => error_response(&e),
                     }
                 } else {
-                    match resource_request(&state, req, &r, &query, &user).await {
+                    // Warnings (fieldValidation=Warn) raised while handling
+                    // go out as `Warning` headers, on errors too.
+                    let (result, warnings) = crate::strict::collect_warnings(resource_request(
+                        &state, req, &r, &query, &user, proto,
+                    ))
+                    .await;
+                    let mut resp = match result {
                         Ok(resp) => resp,
-                        Err(e) => error_response(&e),
-                    }
+                        Err(e) => error_response_as(&e, proto),
+                    };
+                    crate::strict::add_warning_headers(resp.headers_mut(), &warnings);
+                    resp
                 };
                 (resp, verb, resource)
             }
@@ -868,6 +920,7 @@ async fn resource_request(
     r: &ResourceRoute,
     query: &Query,
     user: &User,
+    proto: bool,
 ) -> Result<Response<Body>, ApiError> {
     let api = &state.api;
     let method = req.method().clone();
@@ -905,7 +958,8 @@ async fn resource_request(
             if r.name.is_none() {
                 let watching = crate::api::flag(query, "watch");
                 if watching {
-                    let rx = watch::start(api.clone(), r.clone(), query.clone(), table).await?;
+                    let rx =
+                        watch::start(api.clone(), r.clone(), query.clone(), table, proto).await?;
                     let stream = tokio_stream_from(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
                     let body = BodyExt::boxed(StreamBody::new(stream));
                     return Response::builder()
@@ -914,6 +968,8 @@ async fn resource_request(
                             header::CONTENT_TYPE,
                             if table.is_some() {
                                 TABLE_CT
+                            } else if proto {
+                                crate::protobuf::STREAM_CONTENT_TYPE
                             } else {
                                 "application/json"
                             },
@@ -923,6 +979,7 @@ async fn resource_request(
                         .map_err(|e| ApiError::internal(e.to_string()));
                 }
                 if table.is_none()
+                    && !proto
                     && let Some((items, revision, token)) = api.list_encoded(r, query).await?
                 {
                     return Ok(encoded_list(info, items, revision, token));
@@ -945,7 +1002,7 @@ async fn resource_request(
                     "metadata": meta,
                     "items": listed.items,
                 });
-                return Ok(json_response(200, &list, "application/json"));
+                return Ok(respond(200, &list, proto));
             }
             let obj = api.get(r).await?;
             if let Some(include) = table
@@ -958,51 +1015,41 @@ async fn resource_request(
                     TABLE_CT,
                 ));
             }
-            Ok(json_response(200, &obj, "application/json"))
+            Ok(respond(200, &obj, proto))
         }
         Method::POST => {
             let obj = api::decode_body(&body, &content_type)?;
+            duplicate_fields(&body, &content_type, query, info)?;
             if info.is_virtual() {
-                return Ok(json_response(
+                return Ok(respond(
                     201,
                     &reviews::review(&state.authorizer, info, obj, user)?,
-                    "application/json",
+                    proto,
                 ));
             }
             match (r.name.as_deref(), r.subresource.as_deref()) {
-                (None, None) => Ok(json_response(
-                    201,
-                    &api.create(r, obj, query).await?,
-                    "application/json",
-                )),
-                (Some(_), Some("binding")) => Ok(json_response(
-                    201,
-                    &reviews::bind(api, r, obj).await?,
-                    "application/json",
-                )),
-                (Some(_), Some("eviction")) => Ok(json_response(
-                    201,
-                    &reviews::evict(api, r, obj).await?,
-                    "application/json",
-                )),
-                (Some(_), Some("token")) => Ok(json_response(
+                (None, None) => Ok(respond(201, &api.create(r, obj, query).await?, proto)),
+                (Some(_), Some("binding")) => {
+                    Ok(respond(201, &reviews::bind(api, r, obj).await?, proto))
+                }
+                (Some(_), Some("eviction")) => {
+                    Ok(respond(201, &reviews::evict(api, r, obj).await?, proto))
+                }
+                (Some(_), Some("token")) => Ok(respond(
                     201,
                     &reviews::token_request(api, &state.signer, r, obj).await?,
-                    "application/json",
+                    proto,
                 )),
                 _ => Err(ApiError::MethodNotAllowed),
             }
         }
         Method::PUT => {
             let obj = api::decode_body(&body, &content_type)?;
+            duplicate_fields(&body, &content_type, query, info)?;
             if r.name.is_none() {
                 return Err(ApiError::MethodNotAllowed);
             }
-            Ok(json_response(
-                200,
-                &api.update(r, obj, query).await?,
-                "application/json",
-            ))
+            Ok(respond(200, &api.update(r, obj, query).await?, proto))
         }
         Method::PATCH => {
             let kind = PatchType::from_content_type(&content_type).ok_or_else(|| ApiError::UnsupportedMediaType {
@@ -1014,10 +1061,10 @@ async fn resource_request(
                 return Err(ApiError::MethodNotAllowed);
             }
             let patch = api::decode_body(&body, &content_type)?;
-            Ok(json_response(
+            Ok(respond(
                 200,
                 &api.patch(r, patch, kind, query).await?,
-                "application/json",
+                proto,
             ))
         }
         Method::DELETE => {
@@ -1031,20 +1078,55 @@ async fn resource_request(
                 })?
             };
             match r.name {
-                Some(_) => Ok(json_response(
-                    200,
-                    &api.delete(r, &options, query).await?,
-                    "application/json",
-                )),
+                Some(_) => Ok(respond(200, &api.delete(r, &options, query).await?, proto)),
                 None => {
                     let items = api.delete_collection(r, &options, query).await?;
                     let list = json!({"kind": info.list_kind(), "apiVersion": info.api_version(), "metadata": {}, "items": items});
-                    Ok(json_response(200, &list, "application/json"))
+                    Ok(respond(200, &list, proto))
                 }
             }
         }
         _ => Err(ApiError::MethodNotAllowed),
     }
+}
+
+/// Duplicate fields of a JSON body under the request's `fieldValidation`:
+/// a strict decoding error, a warning each, or nothing.
+fn duplicate_fields(
+    body: &[u8],
+    content_type: &str,
+    query: &Query,
+    info: &crate::resources::ResourceInfo,
+) -> Result<(), ApiError> {
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    if !(base.is_empty() || base == "application/json") {
+        return Ok(());
+    }
+    let mode = crate::strict::Mode::of(query);
+    if mode == crate::strict::Mode::Ignore {
+        return Ok(());
+    }
+    let dups = crate::strict::duplicate_fields(body);
+    if dups.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = dups
+        .iter()
+        .map(|d| format!("duplicate field \"{d}\""))
+        .collect();
+    if mode == crate::strict::Mode::Strict {
+        return Err(ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+            info.kind,
+            info.api_version(),
+            info.kind,
+            list.join(", ")
+        )));
+    }
+    for w in list {
+        crate::strict::warn(w);
+    }
+    Ok(())
 }
 
 /// A list response assembled from already-encoded items.

@@ -23,12 +23,15 @@ const BOOKMARK_EVERY: Duration = Duration::from_secs(15);
 /// Default and maximum lifetime of one watch (kube's min-request-timeout).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 
-/// Starts a watch; the receiver yields the encoded lines.
+/// Starts a watch; the receiver yields the encoded lines (JSON), or with
+/// `proto` the length-prefixed protobuf `WatchEvent` frames
+/// (`application/vnd.kubernetes.protobuf;stream=watch`).
 pub async fn start(
     api: Arc<Api>,
     r: ResourceRoute,
     query: Query,
     table: Option<IncludeObject>,
+    proto: bool,
 ) -> Result<mpsc::Receiver<Bytes>, ApiError> {
     let filters = Filters::from_query(&r.info, &query)?;
     let rv: Option<i64> = match query.get("resourceVersion").map(String::as_str) {
@@ -76,11 +79,34 @@ pub async fn start(
 
     let info = r.info.clone();
     tokio::spawn(async move {
+        // One event in the stream's framing. A protobuf frame that cannot
+        // be encoded (the encoder rejects the object's values) goes out as
+        // an ERROR event rather than breaking the framing.
+        let frame = |kind: &str, object: Value| -> Bytes {
+            if proto {
+                let encoded = crate::protobuf::watch_frame(kind, &object).or_else(|e| {
+                    tracing::warn!(error = %e, "a watch event has no protobuf form");
+                    crate::protobuf::watch_frame(
+                        "ERROR",
+                        &ApiError::internal(format!("encoding the event failed: {e}")).to_status(),
+                    )
+                });
+                return Bytes::from(encoded.unwrap_or_default());
+            }
+            let mut line = json!({"type": kind, "object": object})
+                .to_string()
+                .into_bytes();
+            line.push(b'\n');
+            Bytes::from(line)
+        };
         let encode = |kind: &str, obj: Value| -> Bytes {
             let object = match table {
                 Some(include) => table::table(&info, &[obj], json!({}), include),
                 None => obj,
             };
+            if proto {
+                return frame(kind, object);
+            }
             let mut line = json!({"type": kind, "object": object})
                 .to_string()
                 .into_bytes();
@@ -94,6 +120,9 @@ pub async fn start(
             }
             let obj =
                 json!({"kind": info.kind, "apiVersion": info.api_version(), "metadata": meta});
+            if proto {
+                return frame("BOOKMARK", obj);
+            }
             let mut line = json!({"type": "BOOKMARK", "object": obj})
                 .to_string()
                 .into_bytes();
@@ -101,6 +130,9 @@ pub async fn start(
             Bytes::from(line)
         };
         let error = |e: ApiError| -> Bytes {
+            if proto {
+                return frame("ERROR", e.to_status());
+            }
             let mut line = json!({"type": "ERROR", "object": e.to_status()})
                 .to_string()
                 .into_bytes();

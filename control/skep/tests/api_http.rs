@@ -431,3 +431,243 @@ fn the_serving_certificate_is_reloaded_on_sighup_without_a_restart() {
         s.log()
     );
 }
+
+/// `Accept: application/vnd.kubernetes.protobuf` (as client-go sends it):
+/// objects, lists, errors and watches of built-in kinds come back as
+/// Kubernetes protobuf and decode to the JSON the server gives otherwise;
+/// discovery stays JSON.
+#[test]
+fn protobuf_responses_for_objects_lists_errors_and_watches() {
+    use skep_apiserver::protobuf;
+    let s = Server::start();
+    let dir = s.dir.path();
+    let accept = "Accept: application/vnd.kubernetes.protobuf,application/json";
+    // GET with an Accept header: (status, Content-Type, body bytes).
+    let get = |path: &str, accept: &str| -> (u16, String, Vec<u8>) {
+        let body = dir.join("pb-body");
+        let headers = dir.join("pb-headers");
+        let out = s.curl_admin(&[
+            "-H",
+            accept,
+            "-o",
+            body.to_str().unwrap(),
+            "-D",
+            headers.to_str().unwrap(),
+            "-w",
+            "%{http_code}",
+            &s.url(path),
+        ]);
+        let code = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let head = std::fs::read_to_string(&headers).unwrap_or_default();
+        let ct = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        (code, ct, std::fs::read(&body).unwrap_or_default())
+    };
+    let json_get = |path: &str| -> Value {
+        let (code, ct, body) = get(path, "Accept: application/json");
+        assert_eq!((code, ct.as_str()), (200, "application/json"), "{path}");
+        serde_json::from_slice(&body).unwrap()
+    };
+
+    let pod = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web","labels":{"app":"web"}},
+        "spec":{"containers":[{"name":"c","image":"nginx:1.27","ports":[{"containerPort":80}],
+        "resources":{"limits":{"cpu":"500m","memory":"64Mi"}},
+        "livenessProbe":{"httpGet":{"path":"/","port":80},"periodSeconds":5}}],
+        "volumes":[{"name":"v","emptyDir":{}}]}}"#;
+    let out = s.curl_admin(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        accept,
+        "--data-binary",
+        pod,
+        "-w",
+        "\n%{http_code}",
+        &s.url("/api/v1/namespaces/default/pods"),
+    ]);
+    let text = out.stdout;
+    assert!(
+        text.starts_with(b"k8s\0") && text.ends_with(b"\n201"),
+        "create answered in protobuf with 201: {}",
+        String::from_utf8_lossy(&text)
+    );
+
+    // One object.
+    let (code, ct, body) = get("/api/v1/namespaces/default/pods/web", accept);
+    assert_eq!(code, 200);
+    assert_eq!(ct, "application/vnd.kubernetes.protobuf");
+    assert_eq!(&body[..4], b"k8s\0", "the magic number leads the body");
+    let decoded = protobuf::decode(&body).expect("the response decodes");
+    let want = json_get("/api/v1/namespaces/default/pods/web");
+    assert_eq!(decoded, want, "protobuf and JSON answers agree");
+
+    // A list: items carry no apiVersion/kind in protobuf.
+    let (code, ct, body) = get("/api/v1/namespaces/default/pods", accept);
+    assert_eq!(
+        (code, ct.as_str()),
+        (200, "application/vnd.kubernetes.protobuf")
+    );
+    let decoded = protobuf::decode(&body).unwrap();
+    let mut want = json_get("/api/v1/namespaces/default/pods");
+    for item in want["items"].as_array_mut().unwrap() {
+        let o = item.as_object_mut().unwrap();
+        o.remove("apiVersion");
+        o.remove("kind");
+    }
+    assert_eq!(decoded["kind"], "PodList");
+    assert_eq!(
+        decoded["metadata"]["resourceVersion"],
+        want["metadata"]["resourceVersion"]
+    );
+    assert_eq!(decoded["items"], want["items"]);
+
+    // An error is a protobuf Status.
+    let (code, ct, body) = get("/api/v1/namespaces/default/pods/missing", accept);
+    assert_eq!(
+        (code, ct.as_str()),
+        (404, "application/vnd.kubernetes.protobuf")
+    );
+    let status = protobuf::decode(&body).unwrap();
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "NotFound");
+    assert_eq!(status["code"], 404);
+
+    // A watch: length-prefixed WatchEvent frames.
+    let (code, ct, body) = get(
+        "/api/v1/namespaces/default/pods?watch=1&timeoutSeconds=1",
+        accept,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(ct, "application/vnd.kubernetes.protobuf;stream=watch");
+    let mut events = Vec::new();
+    let mut rest = body.as_slice();
+    while !rest.is_empty() {
+        assert!(rest.len() >= 4, "a truncated frame header");
+        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        assert!(rest.len() >= 4 + len, "a frame runs past the stream");
+        events.push(
+            protobuf::decode_message(
+                "apimachinery.pkg.apis.meta.v1.WatchEvent",
+                &rest[4..4 + len],
+            )
+            .unwrap(),
+        );
+        rest = &rest[4 + len..];
+    }
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "ADDED");
+    assert_eq!(
+        events[0]["object"],
+        json_get("/api/v1/namespaces/default/pods/web")
+    );
+
+    // Discovery stays JSON whatever the client prefers.
+    let (code, ct, body) = get("/api/v1", accept);
+    assert_eq!((code, ct.as_str()), (200, "application/json"));
+    assert!(serde_json::from_slice::<Value>(&body).is_ok());
+    // Table requests stay JSON.
+    let (code, ct, _) = get(
+        "/api/v1/namespaces/default/pods",
+        "Accept: application/json;as=Table;v=v1;g=meta.k8s.io,application/vnd.kubernetes.protobuf",
+    );
+    assert_eq!(code, 200);
+    assert!(ct.contains("as=Table"), "{ct}");
+}
+
+/// fieldValidation: Warn (also the default) drops unknown and duplicate
+/// fields with a `Warning` header each; Strict refuses them; Ignore drops
+/// them silently.
+#[test]
+fn field_validation_warn_strict_and_ignore() {
+    let s = Server::start();
+    let post = |query: &str, body: &str| -> (u16, String, Value) {
+        let headers = s.dir.path().join("fv-headers");
+        let out = s.curl_admin(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+            "-D",
+            headers.to_str().unwrap(),
+            "-w",
+            "\n%{http_code}",
+            &s.url(&format!("/api/v1/namespaces/default/configmaps{query}")),
+        ]);
+        let (code, json) = code_and_body(out);
+        (
+            code,
+            std::fs::read_to_string(&headers).unwrap_or_default(),
+            json,
+        )
+    };
+    let warnings = |head: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| {
+                l.strip_prefix("warning: ")
+                    .or_else(|| l.strip_prefix("Warning: "))
+            })
+            .map(|l| l.trim().to_owned())
+            .collect()
+    };
+    let body = |name: &str| {
+        format!(
+            r#"{{"apiVersion":"v1","kind":"ConfigMap","metadata":{{"name":"{name}","labelz":{{"a":"b"}}}},"data":{{"k":"1"}},"data":{{"k":"2"}},"spec":{{}}}}"#
+        )
+    };
+    for (query, name) in [("", "default"), ("?fieldValidation=Warn", "warn")] {
+        let (code, head, obj) = post(query, &body(name));
+        assert_eq!(code, 201, "{obj}");
+        let mut w = warnings(&head);
+        w.sort();
+        assert_eq!(
+            w,
+            [
+                r#"299 - "duplicate field \"data\"""#,
+                r#"299 - "unknown field \"metadata.labelz\"""#,
+                r#"299 - "unknown field \"spec\"""#,
+            ],
+            "{head}"
+        );
+        assert_eq!(obj["data"]["k"], "2", "the last duplicate wins");
+        assert!(
+            obj.get("spec").is_none() && obj["metadata"].get("labelz").is_none(),
+            "{obj}"
+        );
+    }
+    let (code, head, obj) = post("?fieldValidation=Ignore", &body("ignore"));
+    assert_eq!(code, 201, "{obj}");
+    assert!(warnings(&head).is_empty(), "{head}");
+    assert!(obj.get("spec").is_none(), "{obj}");
+    let (code, _, obj) = post("?fieldValidation=Strict", &body("strict"));
+    assert_eq!(code, 400, "{obj}");
+    let msg = obj["message"].as_str().unwrap();
+    assert!(
+        msg.contains("strict decoding error") && msg.contains(r#"duplicate field "data""#),
+        "{msg}"
+    );
+    let (code, _, obj) = post(
+        "?fieldValidation=Strict",
+        r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"strict2"},"spec":{}}"#,
+    );
+    assert_eq!(code, 400, "{obj}");
+    assert!(
+        obj["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"unknown field "spec""#),
+        "{obj}"
+    );
+}

@@ -555,3 +555,84 @@ fn explain_impersonation_and_strict_field_validation() {
         "without strict validation unknown fields are dropped"
     );
 }
+
+/// `kubectl apply --validate=warn` of a manifest with a typo succeeds and
+/// kubectl prints the server's warning; `--validate=strict` fails naming
+/// the field; the stored object has no trace of the typo.
+#[test]
+fn validate_warn_prints_unknown_fields_and_strict_refuses_them() {
+    let s = Server::start();
+    let typo = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: typo, namespace: default}
+spec:
+  replica: 2
+  selector: {matchLabels: {app: typo}}
+  template:
+    metadata: {labels: {app: typo}}
+    spec:
+      containers:
+      - {name: c, image: nginx, imagePullPolize: Always}
+";
+    for v in ["1.31", "1.33"] {
+        let name = format!("typo-{}", v.replace('.', "-"));
+        let manifest = typo.replace("name: typo,", &format!("name: {name},"));
+        let out = s.kubectl_stdin(v, &["apply", "--validate=warn", "-f", "-"], Some(&manifest));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "kubectl {v} apply --validate=warn: {err}"
+        );
+        assert!(
+            err.contains("Warning: unknown field \"spec.replica\"")
+                && err.contains(
+                    "Warning: unknown field \"spec.template.spec.containers[0].imagePullPolize\""
+                ),
+            "kubectl {v} prints the server's warnings: {err}"
+        );
+        let d = s.json(v, &["get", "deployment", &name, "-n", "default"]);
+        assert!(d["spec"].get("replica").is_none(), "{d}");
+        assert_eq!(
+            d["spec"]["replicas"], 1,
+            "the typo did not set replicas: {d}"
+        );
+
+        let out = s.kubectl_stdin(
+            v,
+            &["apply", "--validate=strict", "-f", "-"],
+            Some(&manifest.replace(&name, &format!("{name}-strict"))),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("unknown field \"spec.replica\""),
+            "kubectl {v} apply --validate=strict: {err}"
+        );
+    }
+    // Custom resources: the CRD schema prunes, the server warns.
+    let v = "1.33";
+    let out = s.kubectl_stdin(v, &["apply", "-f", "-"], Some(CRD));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.k(
+        v,
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd/gadgets.example.org",
+            "--timeout=10s",
+        ],
+    );
+    let g = "apiVersion: example.org/v1\nkind: Gadget\nmetadata: {name: w1, namespace: default}\nspec: {replicas: 2, bogus: 1}\n";
+    let out = s.kubectl_stdin(v, &["apply", "--validate=warn", "-f", "-"], Some(g));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("Warning: unknown field \"spec.bogus\""),
+        "custom resource under --validate=warn: {err}"
+    );
+    let obj = s.json(v, &["get", "gadget", "w1"]);
+    assert!(obj["spec"].get("bogus").is_none(), "{obj}");
+}

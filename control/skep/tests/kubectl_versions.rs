@@ -607,3 +607,123 @@ fn malformed_protobuf_body_is_a_400_naming_the_problem() {
         "{status}"
     );
 }
+
+/// The `Content-Type` of every response kubectl logged at `-v=8`.
+fn response_content_types(log: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_response = false;
+    for line in log.lines() {
+        if line.contains("\"Response\"") {
+            in_response = true;
+        } else if line.contains("\"Request\"") {
+            in_response = false;
+        } else if in_response && let Some(ct) = line.trim().strip_prefix("Content-Type: ") {
+            out.push(ct.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// kubectl 1.33's typed commands accept protobuf and the server answers in
+/// it: kubectl decodes the objects (and a protobuf Status error) the
+/// server encoded, and prints what it would print against kube-apiserver.
+#[test]
+fn kubectl_1_33_reads_protobuf_responses() {
+    let v = "1.33";
+    let server = Server::start();
+    let proto = "application/vnd.kubernetes.protobuf";
+    let run = |args: &[&str]| -> (String, String) {
+        let mut all = args.to_vec();
+        all.push("-v=8");
+        let out = server.kubectl(v, &all);
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "kubectl {args:?} failed: {log}");
+        assert!(
+            log.contains(&format!("Accept: {proto},application/json")),
+            "kubectl {args:?} did not ask for protobuf: {log}"
+        );
+        assert!(
+            response_content_types(&log).iter().any(|c| c == proto),
+            "kubectl {args:?} got no protobuf response: {:?}\n{log}",
+            response_content_types(&log)
+        );
+        (String::from_utf8_lossy(&out.stdout).into_owned(), log)
+    };
+    let (out, _) = run(&["create", "namespace", "pb"]);
+    assert_eq!(out.trim(), "namespace/pb created");
+    let (out, _) = run(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "pb",
+        "--from-literal=a=1",
+    ]);
+    assert_eq!(out.trim(), "configmap/cfg created");
+    let (out, _) = run(&[
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        "pb",
+        "--image=nginx:1.27",
+        "--replicas=2",
+        "--port=80",
+    ]);
+    assert_eq!(out.trim(), "deployment.apps/web created");
+    let (out, _) = run(&[
+        "create",
+        "service",
+        "clusterip",
+        "web",
+        "-n",
+        "pb",
+        "--tcp=80:8080",
+    ]);
+    assert_eq!(out.trim(), "service/web created");
+    // -o json prints the object kubectl decoded from protobuf.
+    let (out, _) = run(&[
+        "create",
+        "configmap",
+        "echo",
+        "-n",
+        "pb",
+        "--from-literal=k=v",
+        "-o",
+        "json",
+    ]);
+    let cm: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cm["data"]["k"], "v", "{cm}");
+    assert_eq!(cm["metadata"]["namespace"], "pb", "{cm}");
+    assert!(
+        cm["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| !u.is_empty()),
+        "{cm}"
+    );
+    let (out, _) = run(&["create", "token", "default", "-n", "pb"]);
+    assert_eq!(out.trim().split('.').count(), 3, "not a JWT: {out}");
+    let (out, _) = run(&["auth", "can-i", "create", "pods", "-n", "pb"]);
+    assert_eq!(out.trim(), "yes");
+    let (out, _) = run(&["auth", "whoami"]);
+    assert!(out.contains("admin"), "{out}");
+    // The decoded objects match what the JSON path stores.
+    let d = server.get_json(v, &["deployment", "web", "-n", "pb"]);
+    assert_eq!(d["spec"]["replicas"], 2, "{d}");
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        80
+    );
+    // An error comes back as a protobuf Status kubectl understands.
+    let out = server.kubectl(v, &["create", "namespace", "pb", "-v=8"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        log.contains("Error from server (AlreadyExists): namespaces \"pb\" already exists"),
+        "{log}"
+    );
+    assert!(
+        response_content_types(&log).iter().any(|c| c == proto),
+        "the Status was not protobuf: {log}"
+    );
+}

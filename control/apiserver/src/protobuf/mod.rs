@@ -4,19 +4,54 @@
 //! A body is the magic `k8s\0` followed by a `runtime.Unknown` whose `raw`
 //! is the object's protobuf encoding. [`decode`] turns it into the JSON
 //! object the JSON path would have produced, walking the schema table that
-//! build.rs generates (see [`schema`]).
+//! build.rs generates (see [`schema`]). [`encode`] is its mirror, for
+//! responses to clients that prefer protobuf (objects, lists, Status) and
+//! [`watch_frame`] frames watch events.
 
 mod decode;
+mod encode;
 pub mod schema;
 mod wire;
 
 pub use decode::{decode, decode_message};
+pub use encode::{can_encode, encode, encode_message, parse_go_duration, watch_frame};
 
 /// The prefix of every Kubernetes protobuf body.
 pub const MAGIC: &[u8] = b"k8s\0";
 
 /// The content type of Kubernetes protobuf bodies.
 pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
+
+/// The content type of protobuf watch streams (length-prefixed
+/// `WatchEvent` frames).
+pub const STREAM_CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf;stream=watch";
+
+/// Whether an `Accept` header prefers Kubernetes protobuf: the acceptable
+/// media type with the highest `q` (the first among equals) is protobuf, as
+/// in client-go's `application/vnd.kubernetes.protobuf,application/json`.
+pub fn preferred(accept: &str) -> bool {
+    let mut best: Option<(f32, bool)> = None;
+    for part in accept.split(',') {
+        let mut params = part.split(';');
+        let base = params.next().unwrap_or("").trim();
+        if base.is_empty() {
+            continue;
+        }
+        let mut q = 1.0f32;
+        for p in params {
+            if let Some(v) = p.trim().strip_prefix("q=") {
+                q = v.trim().parse().unwrap_or(0.0);
+            }
+        }
+        if q <= 0.0 {
+            continue;
+        }
+        if best.is_none_or(|(bq, _)| q > bq) {
+            best = Some((q, base.eq_ignore_ascii_case(CONTENT_TYPE)));
+        }
+    }
+    best.is_some_and(|(_, proto)| proto)
+}
 
 /// Why a protobuf body could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -37,5 +72,7 @@ pub enum ProtobufError {
     TooDeep(usize),
 }
 
+#[cfg(test)]
+mod encode_tests;
 #[cfg(test)]
 mod tests;
