@@ -16,6 +16,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod flows_relay;
 pub mod health;
+pub mod heap;
 pub mod lifecycle;
 pub mod metrics_api;
 pub mod node_proxy;

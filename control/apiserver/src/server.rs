@@ -444,6 +444,7 @@ pub async fn serve(
     config: ServerConfig,
     store: Arc<dyn Store>,
 ) -> Result<ServerHandle, ServeError> {
+    crate::heap::start();
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -982,9 +983,15 @@ async fn resource_request(
                     && !proto
                     && let Some((items, revision, token)) = api.list_encoded(r, query).await?
                 {
+                    if items.len() >= crate::heap::LARGE_LIST {
+                        crate::heap::trim_soon();
+                    }
                     return Ok(encoded_list(info, items, revision, token));
                 }
                 let listed = api.list(r, query).await?;
+                if listed.items.len() >= crate::heap::LARGE_LIST {
+                    crate::heap::trim_soon();
+                }
                 let mut meta = json!({"resourceVersion": listed.revision.to_string()});
                 if let Some(c) = &listed.continue_token {
                     meta["continue"] = json!(c);
