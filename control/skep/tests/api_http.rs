@@ -503,33 +503,41 @@ fn protobuf_responses_for_objects_lists_errors_and_watches() {
         String::from_utf8_lossy(&text)
     );
 
+    // The server's controllers write in the background (the scheduler
+    // marks the node-less pod unschedulable, events, service accounts), so
+    // a protobuf answer and the JSON one are compared when both were taken
+    // at the same resourceVersion, retrying a few times otherwise.
+    let same_revision = |path: &str| -> (Value, Value) {
+        for _ in 0..20 {
+            let (code, ct, body) = get(path, accept);
+            assert_eq!(
+                (code, ct.as_str()),
+                (200, "application/vnd.kubernetes.protobuf"),
+                "{path}"
+            );
+            assert_eq!(&body[..4], b"k8s\0", "the magic number leads the body");
+            let decoded = protobuf::decode(&body).expect("the response decodes");
+            let want = json_get(path);
+            if decoded["metadata"]["resourceVersion"] == want["metadata"]["resourceVersion"] {
+                return (decoded, want);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("{path}: no protobuf and JSON answers at the same resourceVersion in 20 tries");
+    };
+
     // One object.
-    let (code, ct, body) = get("/api/v1/namespaces/default/pods/web", accept);
-    assert_eq!(code, 200);
-    assert_eq!(ct, "application/vnd.kubernetes.protobuf");
-    assert_eq!(&body[..4], b"k8s\0", "the magic number leads the body");
-    let decoded = protobuf::decode(&body).expect("the response decodes");
-    let want = json_get("/api/v1/namespaces/default/pods/web");
+    let (decoded, want) = same_revision("/api/v1/namespaces/default/pods/web");
     assert_eq!(decoded, want, "protobuf and JSON answers agree");
 
     // A list: items carry no apiVersion/kind in protobuf.
-    let (code, ct, body) = get("/api/v1/namespaces/default/pods", accept);
-    assert_eq!(
-        (code, ct.as_str()),
-        (200, "application/vnd.kubernetes.protobuf")
-    );
-    let decoded = protobuf::decode(&body).unwrap();
-    let mut want = json_get("/api/v1/namespaces/default/pods");
+    let (decoded, mut want) = same_revision("/api/v1/namespaces/default/pods");
     for item in want["items"].as_array_mut().unwrap() {
         let o = item.as_object_mut().unwrap();
         o.remove("apiVersion");
         o.remove("kind");
     }
     assert_eq!(decoded["kind"], "PodList");
-    assert_eq!(
-        decoded["metadata"]["resourceVersion"],
-        want["metadata"]["resourceVersion"]
-    );
     assert_eq!(decoded["items"], want["items"]);
 
     // An error is a protobuf Status.
