@@ -1071,12 +1071,12 @@ fn drop_test(rounds: usize, secs: f64) -> DropResults {
         xdp_prog_ns: 0,
     };
     {
-        let xdp_prog = live::obj_get(&pins.join("progs").join("xdp_policy"))
-            .expect("open the pinned xdp_policy");
-        let (ns, verdict) = live::time(&xdp_prog, &frames[0], 1_000_000).expect("time xdp_policy");
+        let xdp_prog =
+            live::obj_get(&pins.join("progs").join("xdp_node")).expect("open the pinned xdp_node");
+        let (ns, verdict) = live::time(&xdp_prog, &frames[0], 1_000_000).expect("time xdp_node");
         assert_eq!(
             verdict, 1,
-            "xdp_policy must drop the denied frame (XDP_DROP = 1)"
+            "xdp_node must drop the denied frame (XDP_DROP = 1)"
         );
         out.xdp_prog_ns = ns;
     }

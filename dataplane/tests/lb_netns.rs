@@ -657,7 +657,7 @@ fn node_port_and_lb_ip_from_an_external_host_keep_the_client_address() {
     let _udp: Vec<_> = backends.iter().map(|p| p.udp_server(5353)).collect();
     let mut dp = topo.datapath();
     topo.node
-        .run(|| dp.attach_external("ext0"))
+        .run(|| dp.attach_external("ext0", Ipv4Addr::new(192, 168, 50, 1)))
         .unwrap()
         .unwrap();
     let mut lb = LoadBalancer::new(dp).unwrap();
@@ -881,4 +881,144 @@ fn status_from_the_pins_counts_what_is_programmed() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no pinned maps"), "{err}");
+}
+
+/// externalTrafficPolicy Cluster with a backend on another node: the
+/// connection leaves node 1 SNATed to its address, so the remote backend
+/// answers node 1, which turns the reply back into (NodePort → client).
+/// First with only the TC hooks on the external interface (redirect after
+/// a FIB lookup), then with `xdp_node` attached, which must translate and
+/// transmit those packets itself (and DNAT the local backend's).
+#[test]
+fn node_port_to_a_remote_backend_is_snated_by_tc_and_by_xdp() {
+    use harness::{CLIENT_ADDR, Lan, NODE1_ADDR, REMOTE_POD};
+    let topo = Topology::new("npsnat", 1);
+    let lan = Lan::new(&topo);
+    let local = &topo.pods[0];
+    let _servers = [local.tcp_server(8080), lan.remote_pod.tcp_server(8080)];
+    let _udp = [local.udp_server(5353), lan.remote_pod.udp_server(5353)];
+    let mut dp = topo.datapath();
+    topo.node
+        .run(|| dp.attach_external("ext0", NODE1_ADDR))
+        .unwrap()
+        .unwrap();
+    let mut lb = LoadBalancer::new(dp).unwrap();
+    lb.set_node_addresses(vec![NODE1_ADDR]).unwrap();
+    let mut tcp = tcp_port(80, 8080);
+    tcp.node_port = Some(30080);
+    let mut udp = udp_port(53, 5353);
+    udp.node_port = Some(30053);
+    let remote = Endpoint {
+        addr: REMOTE_POD,
+        state: EndpointState::Ready,
+        local: false,
+    };
+    lb.resync(vec![service(vec![tcp, udp], vec![ready(local.ip), remote])])
+        .unwrap();
+    let counters = |lb: &LoadBalancer<_>| Datapath::counters(lb.datapath()).unwrap();
+    let frontend = SocketAddrV4::new(NODE1_ADDR, 30080);
+
+    // Connections from the client: who served them, and from which
+    // address each backend saw them.
+    let round = |phase: &str| {
+        let mut seen = BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+        for i in 0..24 {
+            let mut c = lan
+                .client
+                .run(|| {
+                    std::net::TcpStream::connect_timeout(&frontend.into(), Duration::from_secs(2))
+                })
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{phase}: NodePort connection {i}: {e}"));
+            assert_eq!(c.peer_addr().unwrap(), std::net::SocketAddr::V4(frontend));
+            let (who, peer) = ask_with_peer(&mut c, &format!("{phase} {i}"))
+                .unwrap_or_else(|e| panic!("{phase}: request {i}: {e}"));
+            seen.entry(who).or_default().insert(peer);
+        }
+        assert_eq!(
+            seen.get("remote")
+                .map(|p| p.iter().cloned().collect::<Vec<_>>()),
+            Some(vec![NODE1_ADDR.to_string()]),
+            "{phase}: the remote backend serves and sees node 1's address: {seen:?}"
+        );
+        assert_eq!(
+            seen.get("pod0")
+                .map(|p| p.iter().cloned().collect::<Vec<_>>()),
+            Some(vec![CLIENT_ADDR.to_string()]),
+            "{phase}: the local backend serves and sees the client's address: {seen:?}"
+        );
+        // UDP: several source ports, until the remote backend answered;
+        // `ask_udp` checks that replies come from the NodePort.
+        let mut udp_seen = std::collections::BTreeSet::new();
+        for i in 0..16 {
+            let sock = lan
+                .client
+                .run(|| std::net::UdpSocket::bind(SocketAddrV4::new(CLIENT_ADDR, 0)))
+                .unwrap()
+                .unwrap();
+            let who = ask_udp(
+                &sock,
+                SocketAddrV4::new(NODE1_ADDR, 30053),
+                &format!("u{i}"),
+            )
+            .unwrap_or_else(|e| panic!("{phase}: UDP request {i}: {e}"));
+            udp_seen.insert(who);
+        }
+        assert!(
+            udp_seen.contains("remote"),
+            "{phase}: UDP reaches the remote backend too: {udp_seen:?}"
+        );
+    };
+
+    round("tc");
+    let c = counters(&lb);
+    assert!(c.get("snat_new") > 0, "SNATed connections: {c:?}");
+    assert!(c.get("snat_redirect_tc") > 0, "TC forwarded them: {c:?}");
+    assert_eq!(c.get("snat_exhausted"), 0, "{c:?}");
+    let snat: Vec<_> = lb
+        .datapath()
+        .conntrack()
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.snat)
+        .collect();
+    assert!(!snat.is_empty(), "conntrack shows the SNATed connections");
+    for (addr, port) in &snat {
+        assert_eq!(*addr, NODE1_ADDR);
+        assert!(
+            (61000..=65535).contains(port),
+            "SNAT ports stay outside the ephemeral range: {port}"
+        );
+    }
+
+    // Now with XDP on the external interface.
+    let _xdp_pass = lan.accept_xdp_frames();
+    let mode = topo
+        .node
+        .run(|| skep_dataplane::policy::xdp::attach(&topo.pins.0, "ext0"))
+        .unwrap()
+        .expect("attach xdp_node to ext0");
+    assert_eq!(mode, skep_dataplane::policy::xdp::XdpMode::Native);
+    // Veths: only because the senders' TX checksums are complete (above).
+    lb.datapath_mut().set_xdp_lb(true).unwrap();
+    let before = counters(&lb);
+    round("xdp");
+    let after = counters(&lb);
+    let grew = |name: &str| after.get(name) - before.get(name);
+    assert!(
+        grew("xdp_lb_tx") > 0,
+        "xdp_node translated and sent SNATed packets itself: {after:?}"
+    );
+    assert!(
+        grew("xdp_lb_pass") > 0,
+        "xdp_node DNATed packets to the local backend: {after:?}"
+    );
+    assert!(grew("snat_new") > 0, "{after:?}");
+    eprintln!(
+        "xdp phase: xdp_lb_tx {}, xdp_lb_pass {}, xdp_lb_fallback {}, snat_redirect_tc {}",
+        grew("xdp_lb_tx"),
+        grew("xdp_lb_pass"),
+        grew("xdp_lb_fallback"),
+        grew("snat_redirect_tc")
+    );
 }

@@ -266,8 +266,11 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
         match skep_dataplane::lb::KernelDatapath::open(settings)
             .and_then(skep_dataplane::lb::LoadBalancer::new)
         {
-            Ok(l) => {
+            Ok(mut l) => {
                 tracing::info!(pins = %root.display(), "service load balancer ready");
+                // NodePorts on the node address, and the hooks that serve
+                // them (with SNAT to remote backends) on its interface.
+                xdp::attach_lb_external(&mut l, &cfg.node_ip);
                 let shared = Arc::new(std::sync::Mutex::new(l));
                 // [mesh] other nodes' meshed pods into SKEP_MESH_PODS.
                 tokio::spawn(mesh::peers::run(
@@ -298,7 +301,10 @@ pub async fn run(client: Client, cfg: AgentConfig) -> Result<(), AgentError> {
                         // The early drop needs the policy maps above; the
                         // pod hooks enforce without it.
                         if cfg.xdp_policy {
-                            xdp::attach_external(root, &cfg.node_ip);
+                            let attached = xdp::attach_external(root, &cfg.node_ip);
+                            if let Some(l) = &lb {
+                                xdp::choose_xdp_lb(l, attached.as_ref().map(|(i, _)| i.as_str()));
+                            }
                         } else {
                             xdp::detach_external(root, &cfg.node_ip);
                         }

@@ -150,6 +150,46 @@ fn three_nodes_run_pods_that_talk_across_nodes_and_survive_agent_restarts() {
         "the Service reached every backend across nodes: {seen:?}"
     );
 
+    // NodePort from outside the cluster: a host on the nodes' LAN reaches
+    // node 0's NodePort, and the backends on the other two nodes answer
+    // through node 0 (externalTrafficPolicy Cluster: SNAT there).
+    c.kubectl_ok(&[
+        "patch",
+        "service",
+        "echo",
+        "-p",
+        r#"{"spec":{"type":"NodePort","ports":[{"name":"http","port":80,"targetPort":8080,"nodePort":30080}]}}"#,
+    ]);
+    let outside = Outside::attach(&c);
+    let mut via_node_port = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let out = outside.run(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://{}:30080/", c.nodes[0].ip),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        for (name, _, _) in &pods {
+            if text.trim() == name.as_str() {
+                via_node_port.insert(name.clone());
+            }
+        }
+        if via_node_port.len() == 3 {
+            break;
+        }
+        if !out.status.success() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(
+        via_node_port.len(),
+        3,
+        "node 0's NodePort reached the pods on every node from outside: {via_node_port:?}"
+    );
+    drop(outside);
+
     // Agent restart (SIGKILL): the running containers are adopted, not
     // restarted.
     let on_node1: Vec<&(String, String, String)> =
@@ -329,4 +369,73 @@ spec:
             .is_empty(),
         "the live node is untainted"
     );
+}
+
+/// A host outside the cluster on the nodes' LAN (192.168.77.250), with no
+/// route to pod or service addresses. Removed on drop.
+struct Outside {
+    netns: String,
+}
+
+impl Outside {
+    fn attach(c: &Cluster) -> Self {
+        let netns = format!("x{}", c.tag);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &netns]);
+        let outside = Self { netns };
+        let port = format!("q{}", c.tag);
+        ip(&[
+            "-n",
+            &outside.netns,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &c.switch,
+        ]);
+        ip(&["-n", &c.switch, "link", "set", &port, "master", "br0", "up"]);
+        ip(&[
+            "-n",
+            &outside.netns,
+            "addr",
+            "add",
+            "192.168.77.250/24",
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &outside.netns, "link", "set", "eth0", "up"]);
+        outside
+    }
+
+    fn run(&self, cmd: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(cmd)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its veth and the bridge's peer.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
 }

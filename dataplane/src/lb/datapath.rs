@@ -20,6 +20,9 @@ pub struct FrontendState {
     pub backend_count: u32,
     /// ClientIP affinity timeout in seconds, 0 = none.
     pub affinity_timeout_s: u32,
+    /// A NodePort, ExternalIP or LoadBalancer IP: connections entering the
+    /// external interface to a remote backend are SNATed to the node.
+    pub external: bool,
 }
 
 /// A backend of one frontend.
@@ -28,6 +31,8 @@ pub struct BackendEntry {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub terminating: bool,
+    /// Runs on another node (see [`FrontendState::external`]).
+    pub remote: bool,
     /// The frontend id it belongs to.
     pub frontend_id: u32,
 }
@@ -41,6 +46,9 @@ pub struct ConntrackEntry {
     pub backend: (Ipv4Addr, u16),
     pub backend_id: u32,
     pub hairpin: bool,
+    /// The node address and port an external connection to a remote
+    /// backend leaves from (SNAT).
+    pub snat: Option<(Ipv4Addr, u16)>,
     pub closing: bool,
     pub packets: u64,
     /// Nanoseconds since the last packet.

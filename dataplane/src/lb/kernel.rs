@@ -29,9 +29,10 @@ use aya::{
     util::KernelVersion,
 };
 use skep_ebpf_common::{
-    AffinityKey, AffinityValue, BACKEND_F_TERMINATING, BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY,
-    CT_F_CLOSING, CT_F_HAIRPIN, CtKey, CtValue, LB_COUNTER_NAMES, LB_COUNTERS, LbConfig,
-    PolicyCtValue, ServiceKey, ServiceValue, names,
+    AffinityKey, AffinityValue, BACKEND_F_REMOTE, BACKEND_F_TERMINATING, BackendValue,
+    CFG_F_XDP_LB, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CT_F_HAIRPIN, CT_F_SNAT, CtKey,
+    CtValue, LB_COUNTER_NAMES, LB_COUNTERS, LbConfig, PolicyCtValue, SVC_F_EXTERNAL, ServiceKey,
+    ServiceValue, names,
 };
 
 use super::{
@@ -152,6 +153,9 @@ pub struct KernelDatapath {
     counters: PerCpuArray<MapData, u64>,
     /// Swept with the LB conntrack (`gc_conntrack`).
     policy_ct: HashMap<MapData, CtKey, PolicyCtValue>,
+    /// The settings the programs read per packet (`attach_external` adds
+    /// the external interface's).
+    config: Array<MapData, LbConfig>,
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -271,6 +275,26 @@ impl KernelDatapath {
                     })?;
                     continue;
                 }
+                if let Some((_, value_size)) = VALUE_SIZES.iter().find(|(n, _)| *n == name)
+                    && info.value_size() as usize != *value_size
+                {
+                    // An upgrade changed the layout of a map whose content
+                    // a new loader can do without: the config is written
+                    // again below (and by the policy side), and conntrack
+                    // only costs the open load-balanced connections a
+                    // re-balance (Maglev mostly picks the same backend).
+                    tracing::warn!(
+                        map = name,
+                        pinned = info.value_size(),
+                        wanted = value_size,
+                        "pinned map has another value layout (an upgrade); replacing it"
+                    );
+                    std::fs::remove_file(&path).map_err(|e| DataplaneError::Pin {
+                        path: path.clone(),
+                        detail: format!("cannot replace the map: {e}"),
+                    })?;
+                    continue;
+                }
                 if info.max_entries() != wanted {
                     return Err(DataplaneError::PinnedMismatch {
                         path,
@@ -351,7 +375,8 @@ impl KernelDatapath {
         // The flags belong to whoever programs policy (`KernelPolicy`): a
         // restarted agent must keep enforcing the rules still in the maps.
         // (A config map created just now reads as zeros.)
-        let flags = config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?.flags;
+        // So do the external interface's SNAT settings (`attach_external`).
+        let old = config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?;
         config
             .set(
                 0,
@@ -359,7 +384,12 @@ impl KernelDatapath {
                     maglev_size: settings.maglev_size,
                     hairpin_addr: ip_ne(settings.hairpin_addr),
                     ready: 1,
-                    flags,
+                    flags: old.flags,
+                    node_addr: old.node_addr,
+                    ext_ifindex: old.ext_ifindex,
+                    snat_port_min: settings.snat_ports.0,
+                    snat_port_max: settings.snat_ports.1,
+                    _pad: 0,
                 },
                 0,
             )
@@ -394,6 +424,7 @@ impl KernelDatapath {
             affinity,
             counters,
             policy_ct,
+            config,
         })
     }
 
@@ -442,13 +473,45 @@ impl KernelDatapath {
         self.attach_hooks(iface)
     }
 
-    /// Attaches the same hooks to the node's external interface: NodePort
-    /// frontends (node address, NodePort) are DNATed on the way in, and
-    /// replies get the node address and NodePort back on the way out. The
-    /// client's address is kept (externalTrafficPolicy Local semantics), so
-    /// backends must be on this node. XDP for this path is still to come.
-    pub fn attach_external(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        self.attach_hooks(iface)
+    /// Attaches the same hooks to the node's external interface, whose
+    /// address is `node_addr`: external frontends (NodePorts, ExternalIPs,
+    /// LoadBalancer IPs) are DNATed on the way in and replies get the
+    /// frontend back on the way out. Connections to backends on other
+    /// nodes leave SNATed to `node_addr` (externalTrafficPolicy Cluster);
+    /// local backends see the client's address. `xdp_node`
+    /// (`policy::xdp::attach`) does the same work earlier where it can;
+    /// these hooks finish what it leaves.
+    pub fn attach_external(
+        &mut self,
+        iface: &str,
+        node_addr: Ipv4Addr,
+    ) -> Result<(), DataplaneError> {
+        let ifindex = nix::net::if_::if_nametoindex(iface)
+            .map_err(|_| DataplaneError::NoSuchInterface(iface.to_owned()))?;
+        self.attach_hooks(iface)?;
+        let mut cfg = self.config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?;
+        cfg.node_addr = ip_ne(node_addr);
+        cfg.ext_ifindex = ifindex;
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::MAP_CONFIG))?;
+        tracing::info!(iface, %node_addr, "external interface hooks attached (NodePort SNAT source)");
+        Ok(())
+    }
+
+    /// Lets `xdp_node` load-balance external frontends itself (`on`), or
+    /// leaves them to the TC hooks. Only for external interfaces whose
+    /// packets carry complete checksums (NICs); see `CFG_F_XDP_LB`.
+    pub fn set_xdp_lb(&mut self, on: bool) -> Result<(), DataplaneError> {
+        let mut cfg = self.config.get(&0, 0).map_err(map_err(names::MAP_CONFIG))?;
+        if on {
+            cfg.flags |= CFG_F_XDP_LB;
+        } else {
+            cfg.flags &= !CFG_F_XDP_LB;
+        }
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::MAP_CONFIG))
     }
 
     fn attach_hooks(&mut self, iface: &str) -> Result<(), DataplaneError> {
@@ -774,7 +837,7 @@ impl Datapath for KernelDatapath {
             id: state.id,
             backend_count: state.backend_count,
             affinity_timeout_s: state.affinity_timeout_s,
-            flags: 0,
+            flags: if state.external { SVC_F_EXTERNAL } else { 0 },
         };
         self.services
             .insert(service_key(fe), v, 0)
@@ -796,7 +859,7 @@ impl Datapath for KernelDatapath {
                 BACKEND_F_TERMINATING
             } else {
                 0
-            },
+            } | if b.remote { BACKEND_F_REMOTE } else { 0 },
             _pad: 0,
             service_id: b.frontend_id,
         };
@@ -873,27 +936,7 @@ impl Datapath for KernelDatapath {
         let mut live = 0;
         for (k, v) in &entries {
             // The partner entry of the same connection.
-            let partner = if k.dir == CT_DIR_FORWARD {
-                CtKey {
-                    saddr: v.nat_addr,
-                    daddr: k.saddr,
-                    sport: v.nat_port,
-                    dport: k.sport,
-                    proto: k.proto,
-                    dir: CT_DIR_REPLY,
-                    _pad: 0,
-                }
-            } else {
-                CtKey {
-                    saddr: k.daddr,
-                    daddr: v.nat_addr,
-                    sport: k.dport,
-                    dport: v.nat_port,
-                    proto: k.proto,
-                    dir: CT_DIR_FORWARD,
-                    _pad: 0,
-                }
-            };
+            let partner = ct_partner(k, v);
             let other = entries.get(&partner);
             let last = other.map_or(v.last_seen_ns, |o| o.last_seen_ns.max(v.last_seen_ns));
             let closing = (v.flags | other.map_or(0, |o| o.flags)) & CT_F_CLOSING != 0;
@@ -944,6 +987,51 @@ impl Datapath for KernelDatapath {
     }
 }
 
+/// Maps whose value layout a newer object may change, with the size this
+/// binary's object uses; a pin with another size is replaced on open.
+const VALUE_SIZES: [(&str, usize); 2] = [
+    (names::MAP_CT, std::mem::size_of::<CtValue>()),
+    (names::MAP_CONFIG, std::mem::size_of::<LbConfig>()),
+];
+
+/// The other entry of the connection `k` belongs to. Without SNAT the reply
+/// goes backend → client; with it, backend → (node address, SNAT port),
+/// and the reply entry holds the client in `snat_*`.
+fn ct_partner(k: &CtKey, v: &CtValue) -> CtKey {
+    let snat = v.flags & CT_F_SNAT != 0;
+    if k.dir == CT_DIR_FORWARD {
+        let (daddr, dport) = if snat {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (k.saddr, k.sport)
+        };
+        CtKey {
+            saddr: v.nat_addr,
+            daddr,
+            sport: v.nat_port,
+            dport,
+            proto: k.proto,
+            dir: CT_DIR_REPLY,
+            _pad: 0,
+        }
+    } else {
+        let (saddr, sport) = if snat {
+            (v.snat_addr, v.snat_port)
+        } else {
+            (k.daddr, k.dport)
+        };
+        CtKey {
+            saddr,
+            daddr: v.nat_addr,
+            sport,
+            dport: v.nat_port,
+            proto: k.proto,
+            dir: CT_DIR_FORWARD,
+            _pad: 0,
+        }
+    }
+}
+
 /// Current CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
 pub(crate) fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -976,6 +1064,7 @@ pub(crate) fn read_frontends(
                 id: v.id,
                 backend_count: v.backend_count,
                 affinity_timeout_s: v.affinity_timeout_s,
+                external: v.flags & SVC_F_EXTERNAL != 0,
             },
         ));
     }
@@ -994,6 +1083,7 @@ pub(crate) fn read_backends(
                 addr: ip_from_ne(v.addr),
                 port: u16::from_be(v.port),
                 terminating: v.flags & BACKEND_F_TERMINATING != 0,
+                remote: v.flags & BACKEND_F_REMOTE != 0,
                 frontend_id: v.service_id,
             },
         ));
@@ -1021,6 +1111,8 @@ pub(crate) fn read_conntrack(
             backend: (ip_from_ne(v.nat_addr), u16::from_be(v.nat_port)),
             backend_id: v.backend_id,
             hairpin: v.flags & CT_F_HAIRPIN != 0,
+            snat: (v.flags & CT_F_SNAT != 0)
+                .then(|| (ip_from_ne(v.snat_addr), u16::from_be(v.snat_port))),
             closing: v.flags & CT_F_CLOSING != 0,
             packets: v.packets,
             idle_ns: now.saturating_sub(v.last_seen_ns),

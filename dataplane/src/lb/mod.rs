@@ -96,8 +96,9 @@ pub struct Service {
     /// endpoints on this node (none → refused).
     pub internal_traffic_local: bool,
     /// externalTrafficPolicy: Local — NodePort traffic only goes to
-    /// endpoints on this node. Either way the client address is kept: with
-    /// Cluster, remote endpoints would need SNAT, which is not built yet.
+    /// endpoints on this node, and keeps the client's address. With
+    /// Cluster, connections from outside to endpoints on other nodes are
+    /// SNATed to the node (see `KernelDatapath::attach_external`).
     pub external_traffic_local: bool,
     /// ExternalIPs and LoadBalancer ingress IPs: every port is also a
     /// frontend on each of them (external traffic, like NodePorts).

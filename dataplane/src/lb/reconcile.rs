@@ -247,7 +247,7 @@ impl<D: Datapath> LoadBalancer<D> {
             } else {
                 svc.internal_traffic_local
             };
-            self.apply_frontend(&svc, *fe, port, local_only)?;
+            self.apply_frontend(&svc, *fe, port, local_only, *external)?;
         }
         self.service_frontends
             .insert(svc.name.clone(), new_fes.into_iter().collect());
@@ -285,6 +285,7 @@ impl<D: Datapath> LoadBalancer<D> {
         fe: Frontend,
         port: &ServicePort,
         local_only: bool,
+        external: bool,
     ) -> Result<(), DataplaneError> {
         if !self.frontends.contains_key(&fe) {
             let id = self
@@ -303,6 +304,7 @@ impl<D: Datapath> LoadBalancer<D> {
                         id,
                         backend_count: 0,
                         affinity_timeout_s: 0,
+                        external: false,
                     },
                     backends: HashMap::new(),
                     table: None,
@@ -318,12 +320,16 @@ impl<D: Datapath> LoadBalancer<D> {
 
         // Desired backends; an address listed twice counts once, Ready wins.
         let mut desired: BTreeMap<(Ipv4Addr, u16), bool> = BTreeMap::new();
+        let mut remote: BTreeSet<Ipv4Addr> = BTreeSet::new();
         for ep in svc.endpoints.iter().filter(|ep| ep.local || !local_only) {
             let terminating = ep.state == EndpointState::Terminating;
             let e = desired
                 .entry((ep.addr, port.target_port))
                 .or_insert(terminating);
             *e &= terminating;
+            if !ep.local {
+                remote.insert(ep.addr);
+            }
         }
 
         // 1. New backends and Terminating → Ready. Ready → Terminating waits
@@ -335,6 +341,7 @@ impl<D: Datapath> LoadBalancer<D> {
                 addr,
                 port: bport,
                 terminating,
+                remote: remote.contains(&addr),
                 frontend_id: rec.id,
             };
             match rec.backends.get(&(addr, bport)) {
@@ -404,6 +411,7 @@ impl<D: Datapath> LoadBalancer<D> {
             id: rec.id,
             backend_count: u32::try_from(ready.len()).unwrap_or(u32::MAX),
             affinity_timeout_s,
+            external,
         };
         if state != rec.state || !rec.written {
             self.dp.put_frontend(fe, state)?;

@@ -3,8 +3,8 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use skep_ebpf_common::{
     DEFAULT_AFFINITY_ENTRIES, DEFAULT_CT_ENTRIES, DEFAULT_ENDPOINT_ENTRIES,
     DEFAULT_FLOW_RING_BYTES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_MAGLEV_SIZE, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_ENTRIES,
-    DEFAULT_SOCK_REVNAT_ENTRIES,
+    DEFAULT_MAX_SERVICES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_SNAT_PORT_MAX,
+    DEFAULT_SNAT_PORT_MIN, DEFAULT_SOCK_REVNAT_ENTRIES,
 };
 
 use crate::DataplaneError;
@@ -46,6 +46,9 @@ pub struct LbSettings {
     pub policy_ct_entries: u32,
     /// Bytes of the flow event ring buffer (a power of two, at least a page).
     pub flow_ring_bytes: u32,
+    /// Source ports (inclusive) of external connections SNATed to the
+    /// node; keep them outside `net.ipv4.ip_local_port_range`.
+    pub snat_ports: (u16, u16),
 }
 
 impl Default for LbSettings {
@@ -64,6 +67,7 @@ impl Default for LbSettings {
             policy_entries: DEFAULT_POLICY_ENTRIES,
             policy_ct_entries: DEFAULT_POLICY_CT_ENTRIES,
             flow_ring_bytes: DEFAULT_FLOW_RING_BYTES,
+            snat_ports: (DEFAULT_SNAT_PORT_MIN, DEFAULT_SNAT_PORT_MAX),
         }
     }
 }
@@ -72,6 +76,12 @@ impl LbSettings {
     /// Checks the sizes before anything is created.
     pub fn validate(&self) -> Result<(), DataplaneError> {
         let bad = |what: String| Err(DataplaneError::Config(what));
+        if self.snat_ports.0 == 0 || self.snat_ports.0 > self.snat_ports.1 {
+            return bad(format!(
+                "SNAT port range {}-{} is empty or starts at 0",
+                self.snat_ports.0, self.snat_ports.1
+            ));
+        }
         if !super::maglev::is_prime(self.maglev_size) || self.maglev_size < 3 {
             return bad(format!(
                 "maglev table size {} is not a prime ≥ 3 (try 16381, 4093, 1021 or 251)",

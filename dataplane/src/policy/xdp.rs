@@ -24,7 +24,7 @@ use skep_ebpf_common::names;
 
 use crate::{DataplaneError, sys};
 
-const PROGRAM: &str = names::PROG_XDP_POLICY;
+const PROGRAM: &str = names::PROG_XDP_NODE;
 
 /// How the program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -482,3 +482,239 @@ impl Topology {
         dp
     }
 }
+
+/// Turns off TX checksum offload of `iface` in `ns` (`ethtool -K tx off`,
+/// through the ioctl). A local socket's packets then carry full checksums.
+/// Needed where `xdp_node` forwards them over veths: an XDP frame drops the
+/// skb's "checksum still to be completed" state, which a NIC would never
+/// hand to XDP in the first place.
+pub fn tx_checksum_off(ns: &NetNs, iface: &str) {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let iface = iface.to_owned();
+    ns.run(move || {
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: &mut value,
+            _pad: [0; 16],
+        };
+        for (d, s) in req.name.iter_mut().zip(iface.bytes()) {
+            *d = s as libc::c_char;
+        }
+        // SAFETY: plain socket/ioctl/close calls on a struct that lives
+        // across them, laid out as the kernel's ifreq + ethtool_value.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            assert!(fd >= 0, "socket for SIOCETHTOOL");
+            let rc = libc::ioctl(fd, SIOCETHTOOL, &mut req);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert!(rc == 0, "ethtool tx off on {iface}: {err}");
+        }
+    })
+    .unwrap();
+}
+
+/// Attaches the object's `xdp_pass` to `iface` in `ns` (native mode), so
+/// the veth accepts frames its peer transmits from XDP. The returned
+/// object owns the attachment; dropping it detaches.
+pub fn attach_xdp_pass(ns: &NetNs, iface: &str) -> aya::Ebpf {
+    let bytes = skep_dataplane::object::bytes().expect("the eBPF object");
+    let mut ebpf = aya::Ebpf::load(&bytes).expect("load the eBPF object");
+    let iface = iface.to_owned();
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(skep_ebpf_common::names::PROG_XDP_PASS)
+        .expect("xdp_pass in the object")
+        .try_into()
+        .expect("xdp_pass is XDP");
+    prog.load().expect("load xdp_pass");
+    ns.run(|| {
+        prog.attach(&iface, aya::programs::XdpMode::Driver)
+            .expect("attach xdp_pass")
+    })
+    .unwrap();
+    ebpf
+}
+
+/// Two nodes and an external client behind one router (its own
+/// namespace; plain routing, so no bridge module is needed, which Debian's
+/// 5.10 cloud kernel in `vm-test` lacks), for external traffic to backends
+/// on another node:
+///
+/// * node 1 is `topo.node` (skep's datapath; `ext0` = 192.168.71.1/24),
+/// * node 2 only routes: `eth0` = 192.168.72.1/24, one pod at 10.42.1.10
+///   behind `vr0` (10.42.1.1/24); node 1 and the router route
+///   10.42.1.0/24 towards it,
+/// * the client is 192.168.73.1/24, with no route to pod addresses.
+///
+/// TX checksum offload is off on the client and on the remote pod, whose
+/// packets `xdp_node` forwards (see [`tx_checksum_off`]).
+pub struct Lan {
+    pub client: NetNs,
+    pub remote_pod: Pod,
+    pub node2: NetNs,
+    /// The router.
+    pub lan: NetNs,
+}
+
+pub const NODE1_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 71, 1);
+pub const NODE2_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 72, 1);
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 73, 1);
+pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 42, 1, 10);
+
+fn forwarding_on(ns: &NetNs) {
+    ns.run(|| {
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ("/proc/sys/net/ipv4/conf/all/rp_filter", "0"),
+            ("/proc/sys/net/ipv4/conf/default/rp_filter", "0"),
+        ] {
+            std::fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+    })
+    .unwrap();
+}
+
+impl Lan {
+    pub fn new(topo: &Topology) -> Self {
+        let base = topo.node.name().trim_end_matches("-n").to_owned();
+        let lan = NetNs::create(&format!("{base}-l")).expect("create router netns");
+        let node2 = NetNs::create(&format!("{base}-m")).expect("create node 2 netns");
+        let client = NetNs::create(&format!("{base}-c")).expect("create client netns");
+        let pod_ns = NetNs::create(&format!("{base}-r")).expect("create remote pod netns");
+        forwarding_on(&lan);
+        forwarding_on(&node2);
+        for (port, ns, iface, addr) in [
+            ("l1", topo.node.name(), "ext0", NODE1_ADDR),
+            ("l2", node2.name(), "eth0", NODE2_ADDR),
+            ("l3", client.name(), "eth0", CLIENT_ADDR),
+        ] {
+            ip(&[
+                "-n",
+                lan.name(),
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                iface,
+                "netns",
+                ns,
+            ]);
+            let [a, b, c, _] = addr.octets();
+            let gw = Ipv4Addr::new(a, b, c, 254).to_string();
+            ip(&[
+                "-n",
+                lan.name(),
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                port,
+            ]);
+            ip(&["-n", lan.name(), "link", "set", port, "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", iface]);
+            ip(&["-n", ns, "link", "set", iface, "up"]);
+            if ns != topo.node.name() {
+                ip(&["-n", ns, "route", "add", "default", "via", &gw]);
+            }
+        }
+        ip(&[
+            "-n",
+            node2.name(),
+            "link",
+            "add",
+            "vr0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod_ns.name(),
+        ]);
+        ip(&[
+            "-n",
+            node2.name(),
+            "addr",
+            "add",
+            "10.42.1.1/24",
+            "dev",
+            "vr0",
+        ]);
+        ip(&["-n", node2.name(), "link", "set", "vr0", "up"]);
+        ip(&[
+            "-n",
+            pod_ns.name(),
+            "addr",
+            "add",
+            "10.42.1.10/24",
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", pod_ns.name(), "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            pod_ns.name(),
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.42.1.1",
+        ]);
+        for (ns, via) in [
+            (topo.node.name(), "192.168.71.254"),
+            (lan.name(), "192.168.72.1"),
+        ] {
+            ip(&["-n", ns, "route", "add", "10.42.1.0/24", "via", via]);
+        }
+        // Node 1 reaches the client and node 2 through the router.
+        for net in ["192.168.72.0/24", "192.168.73.0/24"] {
+            ip(&[
+                "-n",
+                topo.node.name(),
+                "route",
+                "add",
+                net,
+                "via",
+                "192.168.71.254",
+            ]);
+        }
+        tx_checksum_off(&client, "eth0");
+        tx_checksum_off(&pod_ns, "eth0");
+        Self {
+            client,
+            remote_pod: Pod {
+                name: "remote".into(),
+                ns: pod_ns,
+                ip: REMOTE_POD,
+                host_if: "vr0".into(),
+            },
+            node2,
+            lan,
+        }
+    }
+
+    /// Lets node 1's `ext0` transmit from XDP (see [`attach_xdp_pass`]);
+    /// keep the result for as long as it should.
+    pub fn accept_xdp_frames(&self) -> aya::Ebpf {
+        attach_xdp_pass(&self.lan, "l1")
+    }
+}

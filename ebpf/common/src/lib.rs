@@ -84,9 +84,15 @@ pub mod names {
         MAP_SOCK_REVNAT,
     ];
 
-    /// XDP on a node's external interface: early drop of traffic a local
+    /// XDP on a node's external interface: service load balancing of
+    /// external frontends (NodePort, ExternalIPs, LoadBalancer IPs) with
+    /// SNAT for remote backends, then the early drop of traffic a local
     /// pod's ingress policy denies.
-    pub const PROG_XDP_POLICY: &str = "xdp_policy";
+    pub const PROG_XDP_NODE: &str = "xdp_node";
+    /// XDP program that passes everything. Attached to the peer of a veth
+    /// that `xdp_node` transmits on: before Linux 5.13 a veth only accepts
+    /// XDP frames when its peer runs an XDP program.
+    pub const PROG_XDP_PASS: &str = "xdp_pass";
 
     /// cgroup/connect4 on a meshed pod's cgroup v2 directory: the app's TCP
     /// connects go to the sidecar's outbound port ([mesh] capture).
@@ -190,12 +196,21 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// ClientIP session affinity timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// `SVC_F_*` bits.
     pub flags: u32,
 }
+
+/// Frontend flag: external (a NodePort, ExternalIP or LoadBalancer IP).
+/// Connections entering the node's external interface for it are SNATed
+/// to the node when the chosen backend runs on another node.
+pub const SVC_F_EXTERNAL: u32 = 1;
 
 /// Backend state bit: terminating. Existing connections keep using it, new
 /// ones never land on it (userspace also leaves it out of the Maglev table).
 pub const BACKEND_F_TERMINATING: u8 = 1;
+/// Backend state bit: the backend runs on another node (external
+/// connections to it need SNAT so that its replies come back here).
+pub const BACKEND_F_REMOTE: u8 = 2;
 
 /// A backend of one frontend (ids are per frontend, so removing an endpoint
 /// from one Service never disturbs another).
@@ -235,6 +250,9 @@ pub struct CtKey {
 pub const CT_F_HAIRPIN: u8 = 1;
 /// Conntrack flag: a TCP FIN or RST was seen (GC may reap it early).
 pub const CT_F_CLOSING: u8 = 2;
+/// Conntrack flag: an external connection to a remote backend, source-NATed
+/// to the node (see [`CtValue::snat_addr`]).
+pub const CT_F_SNAT: u8 = 4;
 
 /// A conntrack value. Forward entries hold the backend (DNAT target); reply
 /// entries hold the frontend (source to restore).
@@ -252,6 +270,13 @@ pub struct CtValue {
     /// bpf_ktime_get_ns() of the last packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
     pub packets: u64,
+    /// With [`CT_F_SNAT`], network byte order. Forward entry: the node
+    /// address and port the connection leaves from (new source). Reply
+    /// entry (key: backend → node address, SNAT port): the client to
+    /// restore as destination.
+    pub snat_addr: u32,
+    pub snat_port: u16,
+    pub _pad2: u16,
 }
 
 /// ClientIP session affinity key.
@@ -311,7 +336,23 @@ pub struct LbConfig {
     pub ready: u32,
     /// `CFG_F_*` bits.
     pub flags: u32,
+    /// The node address external connections to remote backends are
+    /// SNATed to (network byte order); 0: no SNAT (remote backends of
+    /// external frontends are then not used by external clients).
+    pub node_addr: u32,
+    /// Interface index of the node's external interface (the TC hooks
+    /// there handle SNAT and its replies); 0 when not attached.
+    pub ext_ifindex: u32,
+    /// SNAT source ports, host byte order, inclusive: outside the
+    /// kernel's ephemeral range so no local socket competes for them.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u32,
 }
+
+/// Default SNAT port range (Linux's ephemeral ports end at 60999).
+pub const DEFAULT_SNAT_PORT_MIN: u16 = 61000;
+pub const DEFAULT_SNAT_PORT_MAX: u16 = 65535;
 
 /// Indexes of the per-CPU counters in [`names::MAP_COUNTERS`].
 #[repr(u32)]
@@ -362,10 +403,25 @@ pub enum LbCounter {
     /// Packets the XDP program on the external interface dropped because
     /// the destination pod's ingress policy denies them.
     XdpPolicyDrop = 20,
+    /// New external connections to remote backends (SNAT port taken).
+    SnatNew = 21,
+    /// External connections refused because no SNAT port was free.
+    SnatExhausted = 22,
+    /// Packets of SNATed connections (both directions) the TC hooks
+    /// redirected after a FIB lookup.
+    SnatRedirectTc = 23,
+    /// Packets `xdp_node` load-balanced and passed up (local backends).
+    XdpLbPass = 24,
+    /// Packets `xdp_node` translated and transmitted itself (SNATed
+    /// connections, both directions).
+    XdpLbTx = 25,
+    /// Packets `xdp_node` left to the TC hooks because it could not finish
+    /// them (neighbour unresolved, fragment, no FIB route).
+    XdpLbFallback = 26,
 }
 
 /// Number of counters (size of [`names::MAP_COUNTERS`]).
-pub const LB_COUNTERS: u32 = 21;
+pub const LB_COUNTERS: u32 = 27;
 
 /// Every counter with its name, for userspace reports.
 pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
@@ -390,6 +446,12 @@ pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
     (LbCounter::PolicyDeniedIngress, "policy_denied_ingress"),
     (LbCounter::FlowsLost, "flows_lost"),
     (LbCounter::XdpPolicyDrop, "xdp_policy_drop"),
+    (LbCounter::SnatNew, "snat_new"),
+    (LbCounter::SnatExhausted, "snat_exhausted"),
+    (LbCounter::SnatRedirectTc, "snat_redirect_tc"),
+    (LbCounter::XdpLbPass, "xdp_lb_pass"),
+    (LbCounter::XdpLbTx, "xdp_lb_tx"),
+    (LbCounter::XdpLbFallback, "xdp_lb_fallback"),
 ];
 
 /// Config flag ([`LbConfig::flags`]): enforce NetworkPolicy in the pod
@@ -398,6 +460,11 @@ pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
 pub const CFG_F_POLICY: u32 = 1;
 /// Config flag: emit [`FlowEvent`]s to [`names::MAP_FLOWS`].
 pub const CFG_F_FLOWS: u32 = 2;
+/// Config flag: `xdp_node` load-balances external frontends itself (else
+/// it leaves them to the TC hooks). Off where the external interface may
+/// receive packets whose checksum a local sender left for the device to
+/// complete (veths): XDP cannot see or complete that state.
+pub const CFG_F_XDP_LB: u32 = 4;
 
 /// Reserved security identities (Cilium's numbering, so that people who
 /// know it read flows without a table).
@@ -623,10 +690,10 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<BackendValue>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 32);
+        assert_eq!(size_of::<CtValue>(), 40);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityValue>(), 16);
-        assert_eq!(size_of::<LbConfig>(), 16);
+        assert_eq!(size_of::<LbConfig>(), 32);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevValue>(), 8);
         assert_eq!(size_of::<IpcacheKey>(), 8);

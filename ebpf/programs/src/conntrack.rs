@@ -4,10 +4,12 @@
 //! frontend to restore). Userspace reads them for `skep ctl svc`/tests and
 //! garbage-collects idle ones.
 
-use skep_ebpf_common::{CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtKey, CtValue};
+use skep_ebpf_common::{
+    BackendValue, CT_DIR_FORWARD, CT_DIR_REPLY, CT_F_CLOSING, CtKey, CtValue, LbCounter,
+};
 
 use crate::{
-    maps::CT,
+    maps::{CT, count},
     packet::{Packet, TCP_FIN, TCP_RST},
 };
 
@@ -54,16 +56,54 @@ pub fn touch(entry: *mut CtValue, p: &Packet, now: u64) {
     }
 }
 
-/// Records a new connection: forward entry, then the reply entry.
+/// Records a new connection to `backend` (no SNAT): the forward entry
+/// (client's tuple → backend), then the reply entry (backend → client's
+/// tuple → the frontend to restore). A failed insert is counted; the
+/// packet is still forwarded and the next one retries.
 #[inline(always)]
 pub fn create(
     p: &Packet,
-    forward: &CtValue,
-    reply_key: &CtKey,
-    reply: &CtValue,
-) -> Result<(), i64> {
-    CT.insert(&forward_key(p), forward, 0).map_err(i64::from)?;
-    CT.insert(reply_key, reply, 0).map_err(i64::from)
+    backend_id: u32,
+    backend: &BackendValue,
+    service_id: u32,
+    flags: u8,
+    now: u64,
+) {
+    let forward = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags,
+        _pad: 0,
+        backend_id,
+        service_id,
+        last_seen_ns: now,
+        packets: 1,
+        snat_addr: 0,
+        snat_port: 0,
+        _pad2: 0,
+    };
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: p.saddr,
+        sport: backend.port,
+        dport: p.sport,
+        proto: p.proto,
+        dir: CT_DIR_REPLY,
+        _pad: 0,
+    };
+    let ok = CT.insert(&forward_key(p), &forward, 0).is_ok() && {
+        let reply = CtValue {
+            nat_addr: p.daddr,
+            nat_port: p.dport,
+            packets: 0,
+            ..forward
+        };
+        CT.insert(&reply_key, &reply, 0).is_ok()
+    };
+    if !ok {
+        count(LbCounter::CtInsertFailed);
+    }
+    count(LbCounter::NewConnection);
 }
 
 #[inline(always)]

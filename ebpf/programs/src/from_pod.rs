@@ -5,15 +5,20 @@
 //! backends are refused. Replies to the hairpin address get their
 //! destination restored to the pod itself. Then NetworkPolicy judges the
 //! pod's egress on the post-DNAT destination (see `policy`).
+//!
+//! The same program runs at TC ingress of the node's external interface,
+//! where it also source-NATs external connections to remote backends and
+//! translates their replies (see `snat`), for the packets `xdp_node` left
+//! to it.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::bpf_ktime_get_ns,
+    helpers::generated::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
 use skep_ebpf_common::{
-    CFG_F_FLOWS, CFG_F_POLICY, CT_DIR_REPLY, CT_F_HAIRPIN, CtKey, CtValue, IPPROTO_SCTP, LbConfig,
+    BackendValue, CFG_F_FLOWS, CFG_F_POLICY, CT_F_HAIRPIN, CT_F_SNAT, IPPROTO_SCTP, LbConfig,
     LbCounter,
 };
 
@@ -21,8 +26,8 @@ use crate::{
     conntrack, lb,
     maps::{CONFIG, count},
     nat,
-    packet::{self, Packet, Skip},
-    policy, reject,
+    packet::{self, ETH_HLEN, Packet, Skip},
+    policy, reject, snat,
 };
 
 #[classifier]
@@ -73,11 +78,21 @@ fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
     }
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading the ifindex of this invocation's skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let external = cfg.ext_ifindex != 0 && ifindex == cfg.ext_ifindex;
+    if external && let Some(ct) = snat::reply(p, cfg, now) {
+        // A remote backend answering a SNATed connection: back to the
+        // client, from the frontend.
+        nat::snat(ctx, p, ct.nat_addr, ct.nat_port)?;
+        nat::dnat(ctx, p, ct.snat_addr, ct.snat_port)?;
+        return Ok(forward(ctx, p, ifindex, ct.nat_addr, ct.snat_addr));
+    }
     // First the load balancer decides where the packet goes (the DNAT
     // target, if any), then policy judges that destination, then the
     // decision is carried out: a denied connection leaves no LB state.
     let mut target: Option<Target> = None;
-    let mut new_conn: Option<(CtValue, CtKey, CtValue)> = None;
+    let mut new_conn: Option<NewConn> = None;
     if let Some(entry) = conntrack::lookup(&conntrack::forward_key(p)) {
         // SAFETY: pointer from a successful lookup; copied at once.
         let ct = unsafe { *entry };
@@ -91,6 +106,11 @@ fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
                 addr: ct.nat_addr,
                 port: ct.nat_port,
                 hairpin: ct.flags & CT_F_HAIRPIN != 0,
+                snat: if ct.flags & CT_F_SNAT != 0 {
+                    Some((ct.snat_addr, ct.snat_port))
+                } else {
+                    None
+                },
             });
         } else {
             // The backend is gone: re-balance this flow (its connection to
@@ -111,40 +131,19 @@ fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
             return Ok(reject::refuse(ctx, p));
         };
         let hairpin = backend.addr == p.saddr;
-        let forward = CtValue {
-            nat_addr: backend.addr,
-            nat_port: backend.port,
-            flags: if hairpin { CT_F_HAIRPIN } else { 0 },
-            _pad: 0,
+        let snat_needed = external && snat::needed(cfg, svc.flags, &backend);
+        new_conn = Some(NewConn {
             backend_id,
+            backend,
             service_id: svc.id,
-            last_seen_ns: now,
-            packets: 1,
-        };
-        let reply_key = CtKey {
-            saddr: backend.addr,
-            daddr: p.saddr,
-            sport: backend.port,
-            dport: p.sport,
-            proto: p.proto,
-            dir: CT_DIR_REPLY,
-            _pad: 0,
-        };
-        let reply = CtValue {
-            nat_addr: p.daddr,
-            nat_port: p.dport,
-            flags: forward.flags,
-            _pad: 0,
-            backend_id,
-            service_id: svc.id,
-            last_seen_ns: now,
-            packets: 0,
-        };
-        new_conn = Some((forward, reply_key, reply));
+            hairpin,
+            snat: snat_needed,
+        });
         target = Some(Target {
             addr: backend.addr,
             port: backend.port,
             hairpin,
+            snat: None,
         });
     }
     // A pod reaching itself through a service is always allowed.
@@ -158,17 +157,40 @@ fn handle(ctx: &TcContext, p: &Packet, cfg: &LbConfig) -> Result<i32, i64> {
             return Ok(TC_ACT_SHOT as i32);
         }
     }
-    if let Some((forward, reply_key, reply)) = new_conn {
-        if conntrack::create(p, &forward, &reply_key, &reply).is_err() {
-            // Still forward this packet; the next one retries the insert.
-            count(LbCounter::CtInsertFailed);
+    if let Some(n) = new_conn {
+        if n.snat {
+            match snat::create(p, cfg, n.backend_id, &n.backend, n.service_id, now) {
+                Some(fwd) => {
+                    if let Some(t) = target.as_mut() {
+                        t.snat = Some((fwd.snat_addr, fwd.snat_port));
+                    }
+                }
+                None => return Ok(reject::refuse(ctx, p)),
+            }
+        } else {
+            let flags = if n.hairpin { CT_F_HAIRPIN } else { 0 };
+            conntrack::create(p, n.backend_id, &n.backend, n.service_id, flags, now);
         }
         count(LbCounter::NewConnection);
     }
     if let Some(t) = target {
         rewrite(ctx, p, t.addr, t.port, t.hairpin, cfg)?;
+        if let Some((addr, port)) = t.snat {
+            nat::snat(ctx, p, addr, port)?;
+            return Ok(forward(ctx, p, ifindex, addr, t.addr));
+        }
     }
     Ok(TC_ACT_OK as i32)
+}
+
+/// A new connection, recorded once policy has admitted it.
+struct NewConn {
+    backend_id: u32,
+    backend: BackendValue,
+    service_id: u32,
+    hairpin: bool,
+    /// Source-NAT it (external connection to a remote backend).
+    snat: bool,
 }
 
 /// Where the load balancer sends a packet (network byte order).
@@ -177,6 +199,38 @@ struct Target {
     addr: u32,
     port: u16,
     hairpin: bool,
+    /// New source (node address, SNAT port) of a SNATed connection.
+    snat: Option<(u32, u16)>,
+}
+
+/// Sends a translated packet `src → dst` on towards `dst`: it now has
+/// this node's address as source, so the stack would drop it as martian.
+/// The FIB says where; without a neighbour entry yet, the kernel resolves
+/// it (bpf_redirect_neigh, Linux ≥ 5.10).
+#[inline(always)]
+fn forward(ctx: &TcContext, p: &Packet, ifindex: u32, src: u32, dst: u32) -> i32 {
+    let tot_len = ctx.load::<u16>(ETH_HLEN + 2).map(u16::from_be).unwrap_or(0);
+    let Some((rc, f)) = snat::fib(ctx.skb.skb.cast(), ifindex, p, src, dst, tot_len) else {
+        count(LbCounter::RewriteFailed);
+        return TC_ACT_SHOT as i32;
+    };
+    count(LbCounter::SnatRedirectTc);
+    // SAFETY: `f` is this CPU's scratch slot, filled by the lookup.
+    let (out, dmac, smac) = unsafe { ((*f).p.ifindex, (*f).p.dmac, (*f).p.smac) };
+    if rc == snat::FIB_SUCCESS {
+        if ctx.store(0, &dmac, 0).is_err() || ctx.store(6, &smac, 0).is_err() {
+            count(LbCounter::RewriteFailed);
+            return TC_ACT_SHOT as i32;
+        }
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(out, 0) as i32 };
+    }
+    if rc == snat::FIB_NO_NEIGH {
+        // SAFETY: plain helper call; no next-hop parameters (the FIB's).
+        return unsafe { bpf_redirect_neigh(out, core::ptr::null_mut(), 0, 0) as i32 };
+    }
+    count(LbCounter::RewriteFailed);
+    TC_ACT_SHOT as i32
 }
 
 #[inline(always)]

@@ -22,12 +22,16 @@ mod nat;
 mod packet;
 mod policy;
 mod reject;
+mod snat;
 mod sock_connect4;
 mod sock_getpeername4;
 mod sock_lb;
 mod sock_recvmsg4;
 mod sock_sendmsg4;
 mod to_pod;
+mod xdp_lb;
+mod xdp_node;
+mod xdp_pass;
 mod xdp_policy;
 
 #[cfg(not(test))]

@@ -81,6 +81,11 @@ pub static FLOWS: RingBuf = RingBuf::with_byte_size(PLACEHOLDER_RING_BYTES, 0);
 #[map(name = "SKEP_XDP_EVBUDGET")]
 pub static XDP_EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch space for bpf_fib_lookup's parameters (too big for
+/// the 512-byte stack next to the hooks' other state). Not pinned.
+#[map(name = "SKEP_FIB_SCRATCH")]
+pub static FIB_SCRATCH: PerCpuArray<crate::snat::FibParams> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "SKEP_LB_CONFIG")]
 pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 

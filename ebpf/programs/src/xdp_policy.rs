@@ -1,7 +1,7 @@
-//! `xdp_policy`: XDP on a node's external interface, dropping traffic that
-//! the destination pod's ingress policy would drop anyway, before the
-//! kernel builds a socket buffer for it (a flood from outside then costs
-//! the node as little as possible).
+//! The policy half of `xdp_node` (XDP on a node's external interface):
+//! dropping traffic that the destination pod's ingress policy would drop
+//! anyway, before the kernel builds a socket buffer for it (a flood from
+//! outside then costs the node as little as possible).
 //!
 //! Only a clear denial is dropped here: an IPv4 TCP/UDP packet to a local
 //! endpoint that is ingress-isolated, that belongs to no connection the
@@ -12,7 +12,7 @@
 //! bookkeeping): this program never writes a map other than its counter.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp, maps::lpm_trie::Key,
+    bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use skep_ebpf_common::{
@@ -45,13 +45,14 @@ struct Tuple {
 /// refused, without a ring-buffer write per packet of a flood.
 const EVENTS_PER_CPU_SECOND: u64 = 128;
 
-#[xdp]
-pub fn xdp_policy(ctx: XdpContext) -> u32 {
-    match denied(&ctx) {
+/// XDP_DROP for a clear denial, else XDP_PASS.
+#[inline(always)]
+pub fn early_drop(ctx: &XdpContext) -> u32 {
+    match denied(ctx) {
         Some((cfg, t, ep, src)) => {
             count(LbCounter::XdpPolicyDrop);
             if cfg.flags & CFG_F_FLOWS != 0 {
-                report(&ctx, &t, &ep, &src);
+                report(ctx, &t, &ep, &src);
             }
             xdp_action::XDP_DROP
         }
@@ -107,7 +108,7 @@ fn report(ctx: &XdpContext, t: &Tuple, ep: &EndpointValue, src: &IpcacheValue) {
 
 /// A pointer to a `T` at `offset` in the packet, if the packet holds it.
 #[inline(always)]
-fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+pub(crate) fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -119,7 +120,7 @@ fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
 /// Reads a `T` at `offset` (unaligned: the IP header follows a 14-byte
 /// Ethernet header).
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub(crate) fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // SAFETY: `at` checked that the bytes lie inside the packet.
     at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
 }
