@@ -115,23 +115,6 @@ pub fn detach_external(pin_root: &Path, node_ip: &str) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use super::*;
-
-    #[test]
-    fn the_loopback_address_is_found_on_lo_and_lo_is_not_ethernet() {
-        assert_eq!(interface_of(Ipv4Addr::LOCALHOST).as_deref(), Some("lo"));
-        assert!(!is_ethernet("lo"));
-        // TEST-NET-3: held by no interface of a test machine.
-        assert_eq!(interface_of(Ipv4Addr::new(203, 0, 113, 254)), None);
-        assert!(attach_external(Path::new("/nonexistent"), "127.0.0.1").is_none());
-        assert!(attach_external(Path::new("/nonexistent"), "fd00::1").is_none());
-    }
-}
-
 /// Programs NodePort frontends on the node address and attaches the load
 /// balancer's TC hooks to its interface (SNAT source: the node address).
 /// Without an IPv4 node address on an Ethernet interface, NodePorts still
@@ -247,4 +230,21 @@ fn driver_of(iface: &str) -> Option<String> {
     }
     let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_loopback_address_is_found_on_lo_and_lo_is_not_ethernet() {
+        assert_eq!(interface_of(Ipv4Addr::LOCALHOST).as_deref(), Some("lo"));
+        assert!(!is_ethernet("lo"));
+        // TEST-NET-3: held by no interface of a test machine.
+        assert_eq!(interface_of(Ipv4Addr::new(203, 0, 113, 254)), None);
+        assert!(attach_external(Path::new("/nonexistent"), "127.0.0.1").is_none());
+        assert!(attach_external(Path::new("/nonexistent"), "fd00::1").is_none());
+    }
 }
