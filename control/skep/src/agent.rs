@@ -173,22 +173,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?}: the size must be between 1Ki and 16Ei"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("10Mi"), Ok(10 << 20));
-        assert_eq!(parse_size("500Ki"), Ok(500 << 10));
-        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("10Xi").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("Mi").unwrap_err().contains("not a size"));
-        assert!(parse_size("10").unwrap_err().contains("between"));
-    }
-}
-
 /// This machine's address as other machines see it: the address of the
 /// interface that holds the default route, else the first global IPv4.
 pub fn detect_node_ip() -> Option<String> {
@@ -250,4 +234,20 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let _ingress = skep_ingress::spawn(client.clone(), &args.node.ingress, cfg.node_name.clone());
     skep_kubelet::run(client, cfg).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10Mi"), Ok(10 << 20));
+        assert_eq!(parse_size("500Ki"), Ok(500 << 10));
+        assert_eq!(parse_size("2G"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("10Xi").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("Mi").unwrap_err().contains("not a size"));
+        assert!(parse_size("10").unwrap_err().contains("between"));
+    }
 }
