@@ -334,8 +334,20 @@ impl Api {
     pub async fn create(
         &self,
         r: &ResourceRoute,
+        obj: Value,
+        query: &Query,
+    ) -> Result<Value, ApiError> {
+        self.create_tracked(r, obj, query, true).await
+    }
+
+    /// A create; `track` records the creator's `Update` managedFields entry
+    /// (false when a server-side apply has already set its own).
+    async fn create_tracked(
+        &self,
+        r: &ResourceRoute,
         mut obj: Value,
         query: &Query,
+        track: bool,
     ) -> Result<Value, ApiError> {
         let info = &r.info;
         Self::check_type(info, &mut obj)?;
@@ -405,6 +417,16 @@ impl Api {
             let mut candidate = obj.clone();
             objects::metadata_mut(&mut candidate)?.insert("name".into(), json!(name));
             Self::custom_checks(info, &mut candidate, &name, query)?;
+            if track {
+                crate::apply::record_update(
+                    None,
+                    &mut candidate,
+                    &crate::apply::update_manager(query),
+                    &info.api_version(),
+                    None,
+                    &crate::apply::shape_of(info),
+                );
+            }
             Self::validate(info, &candidate, &name)?;
             let key = info.key(ns.as_deref(), &name);
             // An existing name is reported as such before anything is
@@ -475,7 +497,8 @@ impl Api {
     ) -> Result<Value, ApiError> {
         let name = r.name.clone().unwrap_or_default();
         let precondition = objects::resource_version(&body);
-        self.write_update(r, &name, query, precondition, move |_current| {
+        let manager = Some(crate::apply::update_manager(query));
+        self.write_update(r, &name, query, precondition, manager, move |_current| {
             Ok(body.clone())
         })
         .await
@@ -499,7 +522,8 @@ impl Api {
             .and_then(|s| s.parse().ok());
         let scale = r.subresource.as_deref() == Some("scale");
         let info = r.info.clone();
-        self.write_update(r, &name, query, precondition, move |current| {
+        let manager = Some(crate::apply::update_manager(query));
+        self.write_update(r, &name, query, precondition, manager, move |current| {
             let mut target = if scale {
                 scale_of(&info, current)
             } else {
@@ -523,9 +547,10 @@ impl Api {
         .await
     }
 
-    /// Server-side apply, simplified: creates the object if missing, else
-    /// merges the applied configuration into it (strategic merge semantics)
-    /// and records the field manager.
+    /// Server-side apply (see `apply.rs`): creates the object when missing,
+    /// else merges the applied configuration with field ownership,
+    /// conflicts (409 unless `force=true`) and removal of fields the
+    /// manager no longer applies.
     async fn apply(
         &self,
         r: &ResourceRoute,
@@ -533,32 +558,67 @@ impl Api {
         config: Value,
         query: &Query,
     ) -> Result<Value, ApiError> {
-        let manager = query.get("fieldManager").cloned().ok_or_else(|| {
-            ApiError::bad_request("PATCH with apply-patch requires a fieldManager query parameter")
-        })?;
-        match self.read(&r.info, r.namespace.as_deref(), name).await {
-            Err(ApiError::NotFound { .. }) => {
-                let mut obj = config;
-                let meta = objects::metadata_mut(&mut obj)?;
-                meta.insert("name".into(), json!(name));
-                meta.insert(
-                    "managedFields".into(),
-                    json!([{"manager": manager, "operation": "Apply", "apiVersion": r.info.api_version(), "time": objects::now_rfc3339(), "fieldsType": "FieldsV1", "fieldsV1": {}}]),
-                );
-                self.create(r, obj, query).await
-            }
-            Err(e) => Err(e),
-            Ok(_) => {
-                let precondition = objects::resource_version(&config);
-                self.write_update(r, name, query, precondition, move |current| {
-                    let mut target = current.clone();
-                    crate::patch::strategic_merge(&mut target, &config)
-                        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-                    Ok(target)
-                })
-                .await
+        let manager = query
+            .get("fieldManager")
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "PATCH with apply-patch requires a fieldManager query parameter",
+                )
+            })?;
+        if !config.is_object() {
+            return Err(ApiError::bad_request(
+                "the applied configuration must be an object",
+            ));
+        }
+        if let Some(n) = config.pointer("/metadata/name").and_then(Value::as_str)
+            && n != name
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )));
+        }
+        let info = &r.info;
+        let sub = r.subresource.as_deref();
+        if sub.is_some_and(|s| s != "status") {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        let req = crate::apply::ApplyRequest {
+            manager: &manager,
+            api_version: info.api_version(),
+            force: flag(query, "force"),
+            shape: crate::apply::shape_of(info),
+            strip_status: sub.is_none() && info.has_subresource("status"),
+            subresource: sub,
+        };
+        for _attempt in 0..2 {
+            match self.read(info, r.namespace.as_deref(), name).await {
+                Err(ApiError::NotFound { .. }) if sub.is_none() => {
+                    let mut obj = crate::apply::apply_create(&config, &req);
+                    objects::metadata_mut(&mut obj)?.insert("name".into(), json!(name));
+                    match self.create_tracked(r, obj, query, false).await {
+                        // Created by someone else meanwhile: apply over it.
+                        Err(ApiError::AlreadyExists { .. }) => continue,
+                        other => return other,
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    let precondition = objects::resource_version(&config);
+                    return self
+                        .write_update(r, name, query, precondition, None, |current| {
+                            crate::apply::apply(current, &config, &req)
+                        })
+                        .await;
+                }
             }
         }
+        Err(ApiError::Conflict {
+            resource: info.group_resource(),
+            name: name.to_owned(),
+            detail: "the object was created and deleted concurrently; try again".into(),
+        })
     }
 
     /// The shared read-modify-write loop of PUT and PATCH: `change` maps the
@@ -572,7 +632,8 @@ impl Api {
         F: Fn(&Value) -> Result<Value, ApiError>,
     {
         let name = r.name.clone().unwrap_or_default();
-        self.write_update(r, &name, &Query::new(), None, change)
+        let manager = Some(crate::apply::DEFAULT_MANAGER.to_owned());
+        self.write_update(r, &name, &Query::new(), None, manager, change)
             .await
     }
 
@@ -582,6 +643,7 @@ impl Api {
         name: &str,
         query: &Query,
         precondition: Option<i64>,
+        manager: Option<String>,
         change: F,
     ) -> Result<Value, ApiError>
     where
@@ -608,6 +670,12 @@ impl Api {
                     // Only status changes through /status.
                     let mut n = current.clone();
                     n["status"] = requested.get("status").cloned().unwrap_or(Value::Null);
+                    // A status apply brings its own managedFields.
+                    if manager.is_none()
+                        && let Some(mf) = requested.pointer("/metadata/managedFields")
+                    {
+                        n["metadata"]["managedFields"] = mf.clone();
+                    }
                     n
                 }
                 Some("scale") => {
@@ -698,6 +766,17 @@ impl Api {
                 objects::metadata_mut(&mut next)?.insert("generation".into(), json!(g + 1));
             }
             Self::custom_checks(info, &mut next, name, query)?;
+            // `None`: a server-side apply computed managedFields itself.
+            if let Some(manager) = &manager {
+                crate::apply::record_update(
+                    Some(&current),
+                    &mut next,
+                    manager,
+                    &info.api_version(),
+                    sub,
+                    &crate::apply::shape_of(info),
+                );
+            }
             Self::validate(info, &next, name)?;
             allocators::on_update(info, &current, &mut next)?;
             if dry_run {
@@ -721,6 +800,11 @@ impl Api {
                     Err(e) => return Err(from_store(e, &info.group_resource(), name)),
                 }
             }
+            // A write that changes nothing is not stored (no new
+            // resourceVersion, no watch event), as upstream: a re-apply of
+            // the same configuration is a no-op. `current` carries its
+            // resourceVersion, `next` had it removed above.
+            objects::set_resource_version(&mut next, rev);
             if next == current {
                 return Ok(current);
             }

@@ -9,11 +9,13 @@
 
 pub mod allocators;
 pub mod api;
+pub mod apply;
 pub mod cert_reload;
 pub mod console;
 pub mod crd;
 pub mod defaults;
 pub mod discovery;
+pub mod fieldset;
 pub mod flows_relay;
 pub mod health;
 pub mod heap;

@@ -419,7 +419,8 @@ pub fn bootstrap_objects() -> Vec<(&'static str, Value)> {
                 json!([
             {"apiGroups": [""], "resources": ["nodes", "nodes/status", "pods", "pods/status", "events", "configmaps", "secrets", "services", "endpoints", "serviceaccounts/token", "persistentvolumeclaims", "persistentvolumes", "namespaces"], "verbs": write},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": write},
-            {"apiGroups": ["discovery.k8s.io", "networking.k8s.io"], "resources": ["*"], "verbs": read}]),
+            {"apiGroups": ["discovery.k8s.io", "networking.k8s.io"], "resources": ["*"], "verbs": read},
+            {"apiGroups": ["skep.io"], "resources": ["securityidentities"], "verbs": ["get", "list", "watch", "create"]}]),
             ),
         ),
         // Scrapers of the API server's /metrics (kube-apiserver's role).

@@ -440,6 +440,17 @@ const BUILTIN: &[Def] = &[
         &["crd", "crds"],
         &["status"],
     ),
+    // skep's own: pod security identities shared by every node (the
+    // allocator in skep-controllers' `identity`; agents read them).
+    def(
+        "skep.io",
+        "v1",
+        "SecurityIdentity",
+        "securityidentities",
+        false,
+        &["sid"],
+        &[],
+    ),
     // reviews (create only, never stored)
     create_only(def(
         "authorization.k8s.io",

@@ -620,7 +620,21 @@ async fn handle(
         Method::GET | Method::HEAD | Method::OPTIONS
     ));
     let path = req.uri().path().to_owned();
-    let query = parse_query(req.uri().query());
+    let mut query = parse_query(req.uri().query());
+    // Writes without a fieldManager are recorded under the User-Agent's
+    // product name, as upstream (server-side apply's managedFields).
+    if matches!(method, Method::POST | Method::PUT | Method::PATCH)
+        && !query.contains_key("fieldManager")
+        && let Some(ua) = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+    {
+        query.insert(
+            crate::apply::USER_AGENT_MANAGER.to_owned(),
+            crate::apply::manager_from_user_agent(ua),
+        );
+    }
     let route = routes::parse(&path, &state.api.registry);
     // The console's assets hold no data: the page fetches everything with
     // the user's token.

@@ -79,6 +79,10 @@ pub enum ApiError {
     Internal { message: String },
     #[error("{message}")]
     Unavailable { message: String },
+    /// 409 of a server-side apply that would change fields other managers
+    /// own; causes of type `FieldManagerConflict`.
+    #[error("{message}")]
+    ApplyConflict { message: String, causes: Vec<Cause> },
 }
 
 fn summarize(causes: &[Cause]) -> String {
@@ -125,6 +129,7 @@ impl ApiError {
             Self::MethodNotAllowed => 405,
             Self::NotAcceptable { .. } => 406,
             Self::AlreadyExists { .. } | Self::Conflict { .. } => 409,
+            Self::ApplyConflict { .. } => 409,
             Self::Gone { .. } | Self::Expired { .. } => 410,
             Self::TooLarge { .. } => 413,
             Self::UnsupportedMediaType { .. } => 415,
@@ -145,6 +150,7 @@ impl ApiError {
             Self::NotAcceptable { .. } => "NotAcceptable",
             Self::AlreadyExists { .. } => "AlreadyExists",
             Self::Conflict { .. } => "Conflict",
+            Self::ApplyConflict { .. } => "Conflict",
             Self::Gone { .. } => "Gone",
             Self::Expired { .. } => "Expired",
             Self::TooLarge { .. } => "RequestEntityTooLarge",
@@ -191,6 +197,13 @@ impl ApiError {
                 }
                 Some(d)
             }
+            Self::ApplyConflict { causes, .. } => Some(json!({
+                "causes": causes.iter().map(|c| json!({
+                    "reason": c.reason,
+                    "message": c.message,
+                    "field": c.field,
+                })).collect::<Vec<_>>(),
+            })),
             Self::TooManyRequests { causes, .. } if !causes.is_empty() => Some(json!({
                 "causes": causes.iter().map(|c| json!({
                     "reason": c.reason,

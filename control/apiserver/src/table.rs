@@ -192,6 +192,9 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             vec![col("Name"), col("Created At")]
         }
+        ("skep.io", "securityidentities") => {
+            vec![col("ID"), col("Namespace"), col("Labels"), col("Age")]
+        }
         _ => vec![col("Name"), col("Age")],
     }
 }
@@ -894,6 +897,28 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             vec![
                 name,
                 json!(objects::meta_str(o, "creationTimestamp").unwrap_or("")),
+            ]
+        }
+        ("skep.io", "securityidentities") => {
+            let labels = o.get("securityLabels").and_then(Value::as_object);
+            let label = |k: &(&String, &Value)| format!("{}={}", k.0, k.1.as_str().unwrap_or(""));
+            // The pod labels first: they are what tells identities apart
+            // within a namespace; the namespace's own labels follow.
+            let shown: Vec<String> = labels
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with("pod:"))
+                .chain(labels.into_iter().flatten().filter(|(k, _)| {
+                    // The name label repeats the NAMESPACE column.
+                    k.starts_with("namespace:") && *k != "namespace:kubernetes.io/metadata.name"
+                }))
+                .map(|kv| label(&kv))
+                .collect();
+            vec![
+                name,
+                json!(s(o, "/securityLabels/k8s:io.kubernetes.pod.namespace")),
+                json!(or_none(shown.join(","))),
+                age,
             ]
         }
         _ => vec![name, age],

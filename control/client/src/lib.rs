@@ -6,6 +6,7 @@
 //! connection; errors carry the server's `Status`. Watches are streams of
 //! decoded events.
 
+pub mod identity;
 pub mod kubeconfig;
 
 use bytes::Bytes;

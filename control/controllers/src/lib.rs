@@ -20,6 +20,7 @@ pub mod error;
 pub mod events;
 pub mod gc;
 pub mod hpa;
+pub mod identity;
 pub mod informer;
 pub mod interpod;
 pub mod job;

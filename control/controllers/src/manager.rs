@@ -34,6 +34,9 @@ pub struct ManagerOptions {
     pub metrics: Option<Arc<skep_apiserver::metrics_api::MetricsSource>>,
     /// Pod garbage collection (terminated-pod threshold, orphans).
     pub pod_gc: crate::podgc::PodGcOptions,
+    /// Security identity allocation (grace period before unused numbers
+    /// are deleted).
+    pub security_identities: crate::identity::IdentityOptions,
 }
 
 impl Default for ManagerOptions {
@@ -46,6 +49,7 @@ impl Default for ManagerOptions {
             node_monitor_grace: Duration::from_secs(40),
             metrics: None,
             pod_gc: crate::podgc::PodGcOptions::default(),
+            security_identities: crate::identity::IdentityOptions::default(),
         }
     }
 }
@@ -135,6 +139,11 @@ fn start_all(
         client,
         &informers,
         options.node_monitor_grace,
+    )?);
+    tasks.extend(crate::identity::IdentityAllocator::start(
+        client,
+        &informers,
+        options.security_identities,
     )?);
     for inf in informers.all() {
         tasks.push(tokio::spawn(inf.run(client.api.store.clone())));

@@ -52,6 +52,10 @@ pub struct ServerArgs {
     /// deleted; 0 keeps them all.
     #[arg(long, default_value_t = 12_500)]
     terminated_pod_gc_threshold: usize,
+    /// How long a security identity no pod uses is kept before it is
+    /// deleted (flows and conntrack entries naming it settle first).
+    #[arg(long, env = "SKEP_IDENTITY_GC_GRACE", default_value = "60s", value_parser = parse_duration)]
+    identity_gc_grace: Duration,
     /// Extra DNS names or IPs for the serving certificate.
     #[arg(long = "tls-san", value_delimiter = ',')]
     tls_sans: Vec<String>,
@@ -149,6 +153,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             metrics: Some(handle.metrics_source.clone()),
             pod_gc: skep_controllers::podgc::PodGcOptions {
                 terminated_threshold: args.terminated_pod_gc_threshold,
+                ..Default::default()
+            },
+            security_identities: skep_controllers::identity::IdentityOptions {
+                grace: args.identity_gc_grace,
                 ..Default::default()
             },
             ..Default::default()

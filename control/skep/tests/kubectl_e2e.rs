@@ -636,3 +636,469 @@ spec:
     let obj = s.json(v, &["get", "gadget", "w1"]);
     assert!(obj["spec"].get("bogus").is_none(), "{obj}");
 }
+
+const SSA_DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: NAME
+  namespace: NS
+  labels: {app: NAME, tier: front}
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: NAME}
+  template:
+    metadata:
+      labels: {app: NAME}
+    spec:
+      containers:
+      - name: web
+        image: host
+        command: [skep, tools, serve, --http, \"8080\"]
+        env:
+        - {name: A, value: \"1\"}
+        - {name: B, value: \"2\"}
+";
+
+fn ssa_deployment(ns: &str, name: &str) -> String {
+    SSA_DEPLOYMENT.replace("NS", ns).replace("NAME", name)
+}
+
+/// The managedFields entry of `manager` with `operation`, if any.
+fn managed_entry<'a>(
+    obj: &'a serde_json::Value,
+    manager: &str,
+    operation: &str,
+) -> Option<&'a serde_json::Value> {
+    obj["metadata"]["managedFields"]
+        .as_array()?
+        .iter()
+        .find(|e| e["manager"] == manager && e["operation"] == operation)
+}
+
+fn assert_ok(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Server-side apply as a real cluster does it: field ownership, conflicts
+/// and --force-conflicts, removal of fields no longer applied, several
+/// managers on one object, and the client-side → server-side switch.
+fn server_side_apply(s: &Server, v: &str, ns: &str) {
+    s.k(v, &["create", "namespace", ns]);
+    let dep = ssa_deployment(ns, "web");
+    let ssa = ["apply", "--server-side", "-f", "-"];
+
+    // Create through apply: kubectl owns what it applied.
+    let out = assert_ok(&s.kubectl_stdin(v, &ssa, Some(&dep)), "apply --server-side");
+    assert!(
+        out.contains("deployment.apps/web serverside-applied"),
+        "{out}"
+    );
+    let yaml = s.k(
+        v,
+        &[
+            "-n",
+            ns,
+            "get",
+            "deploy",
+            "web",
+            "-o",
+            "yaml",
+            "--show-managed-fields",
+        ],
+    );
+    assert!(
+        yaml.contains("manager: kubectl")
+            && yaml.contains("operation: Apply")
+            && yaml.contains("f:replicas: {}"),
+        "{yaml}"
+    );
+    let plain = s.k(v, &["-n", ns, "get", "deploy", "web", "-o", "yaml"]);
+    assert!(
+        !plain.contains("managedFields"),
+        "hidden by default: {plain}"
+    );
+    let d = s.json(
+        v,
+        &["-n", ns, "get", "deploy", "web", "--show-managed-fields"],
+    );
+    let applied = managed_entry(&d, "kubectl", "Apply").expect("kubectl's Apply entry");
+    assert_eq!(applied["fieldsType"], "FieldsV1");
+    assert_eq!(applied["apiVersion"], "apps/v1");
+    assert!(
+        applied["fieldsV1"]["f:spec"]["f:template"]["f:spec"]["f:containers"]
+            ["k:{\"name\":\"web\"}"]
+            .get(".")
+            .is_some(),
+        "containers are owned by key: {applied}"
+    );
+
+    // A re-apply of the same file changes nothing (same resourceVersion).
+    // The deployment controller writes status meanwhile: wait until the
+    // object is quiet first (bounded).
+    let mut rv = d["metadata"]["resourceVersion"].clone();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(750));
+        let now =
+            s.json(v, &["-n", ns, "get", "deploy", "web"])["metadata"]["resourceVersion"].clone();
+        if now == rv {
+            break;
+        }
+        rv = now;
+    }
+    assert_ok(&s.kubectl_stdin(v, &ssa, Some(&dep)), "re-apply");
+    let d = s.json(v, &["-n", ns, "get", "deploy", "web"]);
+    assert_eq!(d["metadata"]["resourceVersion"], rv, "no-op apply wrote");
+
+    // Another manager takes replicas; applying 2 again conflicts.
+    s.k(v, &["-n", ns, "scale", "deploy", "web", "--replicas=5"]);
+    let out = s.kubectl_stdin(v, &ssa, Some(&dep));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "conflicting apply succeeded");
+    assert!(
+        err.contains("Apply failed with 1 conflict: conflict with")
+            && err.contains(": .spec.replicas")
+            && err.contains("force-conflicts"),
+        "{err}"
+    );
+    let d = s.json(v, &["-n", ns, "get", "deploy", "web"]);
+    assert_eq!(
+        d["spec"]["replicas"], 5,
+        "a refused apply changed the object"
+    );
+
+    // --force-conflicts wins and moves ownership.
+    assert_ok(
+        &s.kubectl_stdin(
+            v,
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&dep),
+        ),
+        "apply --force-conflicts",
+    );
+    let d = s.json(
+        v,
+        &["-n", ns, "get", "deploy", "web", "--show-managed-fields"],
+    );
+    assert_eq!(d["spec"]["replicas"], 2);
+    for e in d["metadata"]["managedFields"].as_array().unwrap() {
+        let owns = e["fieldsV1"]["f:spec"].get("f:replicas").is_some();
+        let is_applier = e["manager"] == "kubectl" && e["operation"] == "Apply";
+        assert_eq!(owns, is_applier, "replicas ownership after force: {e}");
+    }
+
+    // A label set by `kubectl label` (another manager) survives; the label
+    // and env var removed from the file are removed from the object.
+    s.k(v, &["-n", ns, "label", "deploy", "web", "extra=yes"]);
+    let smaller = dep
+        .replace(", tier: front", "")
+        .replace("        - {name: B, value: \"2\"}\n", "");
+    assert_ok(&s.kubectl_stdin(v, &ssa, Some(&smaller)), "apply smaller");
+    let d = s.json(v, &["-n", ns, "get", "deploy", "web"]);
+    assert_eq!(
+        d["metadata"]["labels"],
+        serde_json::json!({"app": "web", "extra": "yes"})
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["env"],
+        serde_json::json!([{"name": "A", "value": "1"}])
+    );
+
+    // dry-run=server shows the result and stores nothing.
+    let out = assert_ok(
+        &s.kubectl_stdin(
+            v,
+            &[
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "-o",
+                "json",
+                "-f",
+                "-",
+            ],
+            Some(&smaller.replace("replicas: 2", "replicas: 3")),
+        ),
+        "dry-run apply",
+    );
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["spec"]["replicas"], 3);
+    let d = s.json(v, &["-n", ns, "get", "deploy", "web"]);
+    assert_eq!(d["spec"]["replicas"], 2);
+
+    // Two managers on one ConfigMap: disjoint fields are kept, the same
+    // field with another value conflicts.
+    let cm = |data: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shared\n  namespace: {ns}\ndata:\n{data}"
+        )
+    };
+    let mgr = |m: &'static str| ["apply", "--server-side", m, "-f", "-"];
+    assert_ok(
+        &s.kubectl_stdin(v, &mgr("--field-manager=a"), Some(&cm("  first: \"1\"\n"))),
+        "apply as a",
+    );
+    assert_ok(
+        &s.kubectl_stdin(v, &mgr("--field-manager=b"), Some(&cm("  second: \"2\"\n"))),
+        "apply as b",
+    );
+    assert_ok(
+        &s.kubectl_stdin(v, &mgr("--field-manager=a"), Some(&cm("  first: \"3\"\n"))),
+        "re-apply as a",
+    );
+    let c = s.json(v, &["-n", ns, "get", "cm", "shared"]);
+    assert_eq!(c["data"], serde_json::json!({"first": "3", "second": "2"}));
+    let out = s.kubectl_stdin(
+        v,
+        &mgr("--field-manager=b"),
+        Some(&cm("  first: \"4\"\n  second: \"2\"\n")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("Apply failed with 1 conflict: conflict with \"a\": .data.first"),
+        "{err}"
+    );
+
+    // Client-side apply, then server-side apply with a changed field the
+    // client-side apply set. kubectl >= 1.26 first moves
+    // kubectl-client-side-apply's ownership to its own apply entry (a JSON
+    // patch of managedFields), so, as on a real cluster, the switch
+    // succeeds and the CSA manager is gone.
+    let csa = ssa_deployment(ns, "legacy");
+    assert_ok(
+        &s.kubectl_stdin(v, &["apply", "-f", "-"], Some(&csa)),
+        "CSA",
+    );
+    let d = s.json(
+        v,
+        &["-n", ns, "get", "deploy", "legacy", "--show-managed-fields"],
+    );
+    assert!(
+        managed_entry(&d, "kubectl-client-side-apply", "Update").is_some(),
+        "CSA's Update entry: {}",
+        d["metadata"]["managedFields"]
+    );
+    // Another server-side manager meets CSA's ownership as a conflict.
+    let changed = csa.replace("replicas: 2", "replicas: 4");
+    let out = s.kubectl_stdin(
+        v,
+        &["apply", "--server-side", "--field-manager=other", "-f", "-"],
+        Some(&changed),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(
+                "conflict with \"kubectl-client-side-apply\" using apps/v1: .spec.replicas"
+            ),
+        "{err}"
+    );
+    assert_ok(&s.kubectl_stdin(v, &ssa, Some(&changed)), "CSA -> SSA");
+    let d = s.json(
+        v,
+        &["-n", ns, "get", "deploy", "legacy", "--show-managed-fields"],
+    );
+    assert_eq!(d["spec"]["replicas"], 4);
+    assert!(
+        managed_entry(&d, "kubectl-client-side-apply", "Update").is_none()
+            && managed_entry(&d, "kubectl", "Apply").is_some(),
+        "ownership after the switch: {}",
+        d["metadata"]["managedFields"]
+    );
+}
+
+const SSA_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.org
+spec:
+  group: example.org
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size: {type: integer}
+              parts:
+                type: array
+                x-kubernetes-list-type: map
+                x-kubernetes-list-map-keys: [name]
+                items:
+                  type: object
+                  properties:
+                    name: {type: string}
+                    count: {type: integer}
+";
+
+/// Custom resources: list-type map items are owned by key, and two managers
+/// applying different items of one list both keep theirs.
+fn server_side_apply_custom_resource(s: &Server, v: &str) {
+    assert_ok(
+        &s.kubectl_stdin(v, &["apply", "--server-side", "-f", "-"], Some(SSA_CRD)),
+        "apply CRD",
+    );
+    s.k(
+        v,
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "crd/widgets.example.org",
+            "--timeout=10s",
+        ],
+    );
+    let w = |parts: &str| {
+        format!(
+            "apiVersion: example.org/v1\nkind: Widget\nmetadata: {{name: w1, namespace: default}}\nspec:\n  parts:\n{parts}"
+        )
+    };
+    let as_mgr = |m: &'static str| ["apply", "--server-side", m, "-f", "-"];
+    assert_ok(
+        &s.kubectl_stdin(
+            v,
+            &as_mgr("--field-manager=a"),
+            Some(&w("  - {name: wheel, count: 4}\n")),
+        ),
+        "apply widget as a",
+    );
+    assert_ok(
+        &s.kubectl_stdin(
+            v,
+            &as_mgr("--field-manager=b"),
+            Some(&w("  - {name: seat, count: 1}\n")),
+        ),
+        "apply widget as b",
+    );
+    let obj = s.json(v, &["get", "widget", "w1", "--show-managed-fields"]);
+    assert_eq!(
+        obj["spec"]["parts"],
+        serde_json::json!([{"name": "wheel", "count": 4}, {"name": "seat", "count": 1}])
+    );
+    let a = managed_entry(&obj, "a", "Apply").expect("a's entry");
+    assert!(
+        a["fieldsV1"]["f:spec"]["f:parts"]
+            .get("k:{\"name\":\"wheel\"}")
+            .is_some(),
+        "keyed by name: {a}"
+    );
+    let out = s.kubectl_stdin(
+        v,
+        &as_mgr("--field-manager=b"),
+        Some(&w(
+            "  - {name: seat, count: 1}\n  - {name: wheel, count: 3}\n",
+        )),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(".spec.parts[name=\"wheel\"].count"),
+        "{err}"
+    );
+    // a stops applying its item: it goes, b's stays.
+    assert_ok(
+        &s.kubectl_stdin(v, &as_mgr("--field-manager=a"), Some(&w("    []\n"))),
+        "apply widget as a without parts",
+    );
+    let obj = s.json(v, &["get", "widget", "w1"]);
+    assert_eq!(
+        obj["spec"]["parts"],
+        serde_json::json!([{"name": "seat", "count": 1}])
+    );
+}
+
+#[test]
+fn server_side_apply_kubectl_1_27_and_1_33() {
+    let s = Server::start();
+    server_side_apply(&s, "1.27", "ssa127");
+    server_side_apply(&s, "1.33", "ssa133");
+    server_side_apply_custom_resource(&s, "1.33");
+}
+
+/// Server-side apply through the official Python client: create,
+/// ownership, a conflict with another manager, and force.
+const PY_SSA: &str = r#"
+import json, sys
+from kubernetes import client, config
+config.load_kube_config(sys.argv[1])
+v1 = client.CoreV1Api()
+ns = sys.argv[2]
+v1.create_namespace({"metadata": {"name": ns}})
+api = client.ApiClient()
+
+
+# This client version has no `_content_type` on patch_*: the generic
+# call sends the apply content type itself.
+def ssa(body, manager, force=False):
+    query = [("fieldManager", manager)] + ([("force", "true")] if force else [])
+    return api.call_api(
+        "/api/v1/namespaces/{namespace}/configmaps/{name}", "PATCH",
+        {"namespace": ns, "name": "py"}, query,
+        {"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
+        body=body, response_type="V1ConfigMap", auth_settings=["BearerToken"],
+        _return_http_data_only=True)
+
+
+body = {"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "py", "namespace": ns}, "data": {"k": "v"}}
+cm = ssa(body, "py-ssa")
+assert cm.data == {"k": "v"}, cm.data
+entries = [(e.manager, e.operation) for e in cm.metadata.managed_fields]
+assert entries == [("py-ssa", "Apply")], entries
+assert "f:k" in json.dumps(cm.metadata.managed_fields[0].fields_v1), cm.metadata.managed_fields
+body["data"] = {"k": "w"}
+try:
+    ssa(body, "other")
+    sys.exit("an apply changing another manager's field succeeded")
+except client.ApiException as e:
+    status = json.loads(e.body)
+    assert e.status == 409 and status["reason"] == "Conflict", e.body
+    cause = status["details"]["causes"][0]
+    assert cause["reason"] == "FieldManagerConflict" and cause["field"] == ".data.k", e.body
+cm = ssa(body, "other", force=True)
+assert cm.data == {"k": "w"}, cm.data
+assert [e.manager for e in cm.metadata.managed_fields] == ["other"], cm.metadata.managed_fields
+# The typed client reads it back with its managedFields.
+got = v1.read_namespaced_config_map("py", ns)
+assert got.metadata.managed_fields[0].operation == "Apply", got.metadata.managed_fields
+print("server-side apply ok")
+"#;
+
+#[test]
+fn python_client_server_side_apply() {
+    let check = Command::new("python3")
+        .args(["-c", "import kubernetes"])
+        .output()
+        .expect("python3 is needed for this test");
+    assert!(
+        check.status.success(),
+        "the Python `kubernetes` package is missing: run `cargo xtask setup` (pip install kubernetes)"
+    );
+    let s = Server::start();
+    let out = Command::new("timeout")
+        .args(["120", "python3", "-c", PY_SSA])
+        .arg(s.kubeconfig())
+        .arg("pyssa")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("server-side apply ok"),
+        "python server-side apply failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -25,12 +25,31 @@ use std::{
     net::Ipv4Addr,
 };
 
-/// What makes two pods share an identity.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct IdentityKey {
-    pub namespace: String,
-    pub pod_labels: Labels,
-    pub namespace_labels: Labels,
+/// What makes two pods share an identity (shared with the server's
+/// allocator, which must compute the same key).
+pub use skep_client::identity::IdentityKey;
+
+/// Where pod identity numbers come from: the seam between the compiler and
+/// the numbering. [`StableIds`] numbers label sets on this node alone (unit
+/// tests, the standalone dataplane harness, `skep ctl policy`);
+/// [`super::identities::ClusterIdentities`] uses the numbers the server's
+/// allocator shares with every node.
+pub trait IdentitySource: std::fmt::Debug + Send {
+    /// Numbers every key of `live` (the keys of the pods being compiled)
+    /// and forgets the others; returns the keys left without a number.
+    fn sync(&mut self, live: &[IdentityKey]) -> Vec<IdentityKey>;
+    /// The number of a key of the last `sync`.
+    fn get(&self, key: &IdentityKey) -> Option<u32>;
+}
+
+impl IdentitySource for StableIds<IdentityKey> {
+    fn sync(&mut self, live: &[IdentityKey]) -> Vec<IdentityKey> {
+        StableIds::sync(self, live.iter())
+    }
+
+    fn get(&self, key: &IdentityKey) -> Option<u32> {
+        StableIds::get(self, key)
+    }
 }
 
 /// Port numbers by name, then protocol.
@@ -66,7 +85,7 @@ pub struct Compiled {
 /// compile to the next.
 #[derive(Debug)]
 pub struct Compiler {
-    identities: StableIds<IdentityKey>,
+    identities: Box<dyn IdentitySource>,
     cidrs: StableIds<Cidr>,
     policies: StableIds<String>,
     /// By `namespace/name/uid`: a pod recreated under the same name is a
@@ -316,8 +335,16 @@ struct LocalEndpoint<'a> {
 
 impl Compiler {
     pub fn new() -> Self {
+        Self::with_identities(Box::new(StableIds::<IdentityKey>::new(
+            ID_POD_FIRST,
+            ID_CIDR_FIRST - 1,
+        )))
+    }
+
+    /// A compiler taking pod identity numbers from `identities`.
+    pub fn with_identities(identities: Box<dyn IdentitySource>) -> Self {
         Self {
-            identities: StableIds::new(ID_POD_FIRST, ID_CIDR_FIRST - 1),
+            identities,
             cidrs: StableIds::new(ID_CIDR_FIRST, u32::MAX - 1),
             policies: StableIds::new(1, POLICY_ID_HOST - 1),
             endpoints: StableIds::new(1, u32::MAX),
@@ -357,7 +384,7 @@ impl Compiler {
                     .clone(),
             })
             .collect();
-        let left = self.identities.sync(keys.iter());
+        let left = self.identities.sync(&keys);
         if !left.is_empty() {
             tracing::error!(
                 count = left.len(),

@@ -9,9 +9,13 @@
 //!   selectors; `ids`: stable numbering; `compile`: view → state;
 //!   `watch`: the agent's list/watch/apply task; `view`: one pod's rules
 //!   for `skep ctl policy`.
+//! - `identities`: pod identity numbers shared by every node (the server's
+//!   SecurityIdentity allocations), the compiler's `IdentitySource` in the
+//!   agent.
 
 pub mod cluster;
 pub mod compile;
+pub mod identities;
 pub mod ids;
 pub mod selector;
 pub mod view;

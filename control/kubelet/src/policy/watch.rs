@@ -10,6 +10,7 @@ use super::{
     PolicySnapshot,
     cluster::{ClusterView, Kind},
     compile::Compiler,
+    identities::{ClusterIdentities, spawn_watch},
 };
 use futures::{Stream, StreamExt, stream::SelectAll};
 use serde_json::Value;
@@ -26,6 +27,9 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Retry interval when programming the dataplane failed.
 const APPLY_RETRY: Duration = Duration::from_secs(1);
+/// How long the first apply waits for the server's identity allocations
+/// (without them every pod would start on a temporary number).
+const IDENTITIES_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 enum SyncError {
@@ -62,6 +66,11 @@ struct Task {
     compiler: Compiler,
     tx: watch::Sender<Arc<PolicySnapshot>>,
     applied_once: bool,
+    /// Changes of the shared identity table the compiler reads.
+    identity_changes: watch::Receiver<u64>,
+    /// Whether the first list of identities was waited for (once: an
+    /// agent that cannot read them must not wait again at every relist).
+    identities_waited: bool,
 }
 
 async fn run(
@@ -70,13 +79,17 @@ async fn run(
     datapath: Box<dyn PolicyDatapath>,
     tx: watch::Sender<Arc<PolicySnapshot>>,
 ) {
+    let identities = spawn_watch(client.clone());
+    let identity_changes = identities.subscribe();
     let mut task = Task {
         client,
         node,
         datapath,
-        compiler: Compiler::new(),
+        compiler: Compiler::with_identities(Box::new(ClusterIdentities::new(identities))),
         tx,
         applied_once: false,
+        identity_changes,
+        identities_waited: false,
     };
     let mut delay = BACKOFF_FIRST;
     loop {
@@ -162,6 +175,16 @@ impl Task {
             }
         }
         *delay = BACKOFF_FIRST;
+        if !self.identities_waited && *self.identity_changes.borrow() == 0 {
+            let listed =
+                tokio::time::timeout(IDENTITIES_WAIT, self.identity_changes.wait_for(|n| *n > 0))
+                    .await;
+            if listed.is_err() {
+                tracing::warn!("no SecurityIdentity list yet; starting with node-local numbers");
+            }
+        }
+        self.identities_waited = true;
+        self.identity_changes.borrow_and_update();
         let mut pending = true;
         loop {
             if pending {
@@ -178,8 +201,10 @@ impl Task {
             // The first change (or the retry of a failed apply), then
             // whatever else arrives within the batch window.
             let mut events = Vec::new();
+            let mut identities_changed = false;
             tokio::select! {
                 Some(e) = streams.next() => events.push(e),
+                Ok(()) = self.identity_changes.changed() => identities_changed = true,
                 _ = tokio::time::sleep(APPLY_RETRY), if pending => continue,
                 else => {
                     return SyncError::Watch {
@@ -194,6 +219,11 @@ impl Task {
                     Some(e) = streams.next() => events.push(e),
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
+            }
+            // A shared number arrived or went: recompile with it.
+            if identities_changed || self.identity_changes.has_changed().unwrap_or(false) {
+                self.identity_changes.borrow_and_update();
+                pending = true;
             }
             for (kind, event) in events {
                 let event = match event {
