@@ -375,44 +375,25 @@ fn leak_key(k: &str) -> &'static str {
 }
 
 /// The built-in merge keys: strategic merge's table (`patch.rs`) with
-/// upstream's composite list-map keys.
+/// upstream's composite list-map keys where strategic merge uses one.
 fn builtin_list_kind(parents: &[String]) -> ListKind {
+    use crate::patch::{ListStrategy, strategy};
     let Some(field) = parents.last().map(String::as_str) else {
         return ListKind::Atomic;
     };
     let up = &parents[..parents.len() - 1];
-    let in_container = up.iter().any(|p| {
-        matches!(
-            p.as_str(),
-            "containers" | "initContainers" | "ephemeralContainers"
-        )
-    });
     let tcp = || Some(Value::String("TCP".into()));
-    let key = |k: &'static str| ListKind::Map(vec![(k, None)]);
-    match field {
-        "containers"
-        | "initContainers"
-        | "ephemeralContainers"
-        | "volumes"
-        | "env"
-        | "imagePullSecrets"
-        | "resourceClaims" => key("name"),
-        "volumeMounts" => key("mountPath"),
-        "volumeDevices" => key("devicePath"),
-        "ports" if in_container => {
-            ListKind::Map(vec![("containerPort", None), ("protocol", tcp())])
-        }
-        "ports" => ListKind::Map(vec![("port", None), ("protocol", tcp())]),
-        "hostAliases" => key("ip"),
-        "conditions" => key("type"),
-        "addresses" if up.last().is_some_and(|p| p == "status") => key("type"),
-        "ownerReferences" => key("uid"),
-        "topologySpreadConstraints" => {
+    match (field, strategy(field, up)) {
+        ("ports", ListStrategy::MergeKey(k)) => ListKind::Map(vec![(k, None), ("protocol", tcp())]),
+        ("topologySpreadConstraints", ListStrategy::MergeKey(_)) => {
             ListKind::Map(vec![("topologyKey", None), ("whenUnsatisfiable", None)])
         }
-        "taints" => ListKind::Map(vec![("key", None), ("effect", None)]),
-        "finalizers" => ListKind::Set,
-        _ => ListKind::Atomic,
+        ("taints", ListStrategy::MergeKey(_)) => {
+            ListKind::Map(vec![("key", None), ("effect", None)])
+        }
+        (_, ListStrategy::MergeKey(k)) => ListKind::Map(vec![(k, None)]),
+        (_, ListStrategy::PrimitiveMerge) => ListKind::Set,
+        (_, ListStrategy::Replace) => ListKind::Atomic,
     }
 }
 

@@ -31,7 +31,7 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), PatchError> {
 }
 
 /// How a list field is merged.
-enum ListStrategy {
+pub(crate) enum ListStrategy {
     /// Replace the whole list (the default for lists).
     Replace,
     /// Merge objects by this key.
@@ -40,7 +40,8 @@ enum ListStrategy {
     PrimitiveMerge,
 }
 
-fn strategy(field: &str, parents: &[String]) -> ListStrategy {
+/// The strategy of list `field` below `parents` (the fields above it).
+pub(crate) fn strategy(field: &str, parents: &[String]) -> ListStrategy {
     let in_container = parents.iter().any(|p| {
         matches!(
             p.as_str(),

@@ -1,12 +1,19 @@
 //! `skep ctl policy POD`: the pod's identity, isolation and effective
 //! NetworkPolicy rules, computed by the agent's own compiler from what the
-//! API server holds (as the pod's node would compile it). Identity numbers
-//! are those a fresh compile assigns; a long-running agent keeps numbers
-//! across churn, so its flows may show other numbers for the same labels.
+//! API server holds (as the pod's node would compile it). Pod identities
+//! are the cluster's shared numbers (`skep.io/v1` SecurityIdentity), the
+//! ones the agents program and flows show; a label set the server has not
+//! numbered yet shows a temporary node-local number, as on the node. CIDR
+//! identities are node-local and numbered as a fresh compile would.
 
 use anyhow::{Context, Result};
 use skep_client::Client;
-use skep_kubelet::policy::{ClusterView, cluster::Kind, view};
+use skep_kubelet::policy::{
+    ClusterView, Compiler,
+    cluster::Kind,
+    identities::{ClusterIdentities, IdentityTable},
+    view,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct PolicyArgs {
@@ -34,7 +41,14 @@ pub async fn run(client: &Client, args: PolicyArgs) -> Result<()> {
             .with_context(|| format!("listing {}", kind.path()))?;
         cluster.replace_all(kind, &list);
     }
-    let explained = view::explain(&cluster, &namespace, &name)?;
+    let table = IdentityTable::default();
+    let identities = client
+        .get("/apis/skep.io/v1/securityidentities")
+        .await
+        .context("listing securityidentities")?;
+    table.replace_all(&identities);
+    let compiler = Compiler::recording_sources_with(Box::new(ClusterIdentities::new(table)));
+    let explained = view::explain_with(&cluster, &namespace, &name, compiler)?;
     print!("{explained}");
     Ok(())
 }

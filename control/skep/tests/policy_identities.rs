@@ -260,6 +260,27 @@ fn identities_are_shared_by_both_nodes() {
         Duration::from_secs(15),
         |_| connect(&a0, &b1),
     );
+    // `skep ctl policy` shows the shared numbers: b1's own, and a's as the
+    // peer of its ingress rule (a fresh node-local numbering would have
+    // given the first number, z's, to another set).
+    let out = c.ctl(&["policy", &format!("{NS}/b1")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "skep ctl policy: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Identity:") && l.contains(&b.to_string())),
+        "b1's identity is {b}: {text}"
+    );
+    assert!(
+        text.lines().any(|l| {
+            l.split_whitespace().next() == Some(a.to_string().as_str()) && l.contains("app=a")
+        }),
+        "the ingress rule's peer is a's identity {a}: {text}"
+    );
     let relabelled = Instant::now();
     c.kubectl_ok(&["-n", NS, "label", "pod", "a0", "app=x", "--overwrite"]);
     let x = identity_of(&c, "x");

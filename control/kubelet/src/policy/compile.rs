@@ -361,6 +361,15 @@ impl Compiler {
         }
     }
 
+    /// Like [`Self::recording_sources`], with the pod identity numbers of
+    /// `identities` (the cluster's shared ones, as the agents use them).
+    pub fn recording_sources_with(identities: Box<dyn IdentitySource>) -> Self {
+        Self {
+            record_sources: true,
+            ..Self::with_identities(identities)
+        }
+    }
+
     /// The state node `node` should enforce for `view`.
     pub fn compile(&mut self, view: &ClusterView, node: &str) -> Compiled {
         let mut out = Compiled::default();

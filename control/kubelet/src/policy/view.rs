@@ -70,6 +70,17 @@ pub fn ports_text(m: &PortMatch) -> String {
 
 /// Compiles `view` for the pod's node and reads back the pod's rules.
 pub fn explain(view: &ClusterView, namespace: &str, name: &str) -> Result<PodPolicy, ExplainError> {
+    explain_with(view, namespace, name, Compiler::recording_sources())
+}
+
+/// [`explain`] with a given compiler (e.g. one numbering pod identities
+/// as the cluster's SecurityIdentity objects do); it must record sources.
+pub fn explain_with(
+    view: &ClusterView,
+    namespace: &str,
+    name: &str,
+    mut compiler: Compiler,
+) -> Result<PodPolicy, ExplainError> {
     let ns = namespace.to_owned();
     let nm = name.to_owned();
     let pod = view
@@ -97,7 +108,7 @@ pub fn explain(view: &ClusterView, namespace: &str, name: &str) -> Result<PodPol
             name: nm,
         });
     };
-    let compiled = Compiler::recording_sources().compile(view, &pod.node);
+    let compiled = compiler.compile(view, &pod.node);
     let ep = compiled
         .state
         .endpoints

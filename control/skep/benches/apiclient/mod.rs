@@ -80,6 +80,20 @@ pub fn rss_mb(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// (anonymous, file-backed) parts of a process's RSS in MB: the heap, and
+/// mapped files (the binary, the SQLite database's mmap).
+pub fn rss_parts_mb(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("RssAnon:"), field("RssFile:") + field("RssShmem:"))
+}
+
 /// One HTTP/1.1 keep-alive connection over TLS.
 pub struct Conn {
     send: http1::SendRequest<Full<Bytes>>,
