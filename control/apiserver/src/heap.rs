@@ -32,6 +32,23 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Caps glibc's malloc arenas at four, before the runtime's threads start.
+/// By default glibc gives busy threads arenas of their own (up to eight per
+/// core); objects a request built on one worker and a watcher freed on
+/// another then pin pages in many arenas, and the heap stays fragmented
+/// long after a burst. Four arenas still spread the contention of the
+/// runtime's workers and blocking threads.
+pub fn limit_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes a malloc tunable; M_ARENA_MAX (-8)
+        // takes a count.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 4);
+        }
+    }
+}
+
 /// Asks for free heap memory to be returned once the current request's
 /// memory is freed (a later request moves the trim later).
 pub fn trim_soon() {

@@ -154,6 +154,9 @@ pub struct IdentityAllocator {
     wake: Arc<Notify>,
 }
 
+/// Shortest pause between two allocation passes.
+const MIN_PASS_GAP: Duration = Duration::from_millis(250);
+
 impl IdentityAllocator {
     pub fn start(
         client: &Client,
@@ -212,6 +215,7 @@ impl IdentityAllocator {
         self.identities.synced().await;
         let mut unused_since = HashMap::new();
         loop {
+            let started = Instant::now();
             let (plan, taken) = plan(
                 &self.live_keys(),
                 &self.existing(),
@@ -227,6 +231,12 @@ impl IdentityAllocator {
             }
             let next = plan.next_expiry;
             self.carry_out(plan, taken).await;
+            // A pass reads every pod; under a burst of pod writes (10,000
+            // pods created at once) back-to-back passes would take a core.
+            // Changes that arrive meanwhile leave a permit, so the next
+            // pass follows this pause. Agents number a pod locally until
+            // its shared number arrives, so this delays no enforcement.
+            tokio::time::sleep(MIN_PASS_GAP.max(started.elapsed() * 10)).await;
             let wait = next.map_or(RESYNC, |n| n.min(RESYNC));
             tokio::select! {
                 _ = self.wake.notified() => {}

@@ -33,6 +33,17 @@ impl Change {
 
 pub type Handler = Arc<dyn Fn(&Change) + Send + Sync>;
 
+/// Drops `metadata.managedFields` from a cached object, as client-go's
+/// informers are told to (`TransformStripManagedFields`): no controller
+/// reads them, and they are often the largest part of an object (every
+/// field its creator set, defaults included). Controllers' writes send no
+/// managedFields, which keeps the live ones (apiserver `apply.rs`).
+fn strip_managed_fields(v: &mut Value) {
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+    }
+}
+
 /// A resource's shared cache, kept current by a watch.
 pub struct Informer {
     pub info: Arc<ResourceInfo>,
@@ -166,7 +177,8 @@ impl Informer {
             revision = Some(page.revision);
             for kv in &page.items {
                 match objects::from_kv(kv) {
-                    Ok(v) => {
+                    Ok(mut v) => {
+                        strip_managed_fields(&mut v);
                         fresh.insert(self.cache_key(&kv.key), Arc::new(v));
                     }
                     Err(e) => {
@@ -220,6 +232,7 @@ impl Informer {
                 Event::Put { kv, .. } => match objects::from_kv(kv) {
                     Ok(mut v) => {
                         objects::set_resource_version(&mut v, kv.mod_revision);
+                        strip_managed_fields(&mut v);
                         let new = Arc::new(v);
                         let old = self
                             .cache

@@ -69,6 +69,8 @@ fn main() -> Result<()> {
         Some("__exec") => std::process::exit(skep_kubelet::runtime::process::exec_main(&args[2..])),
         _ => {}
     }
+    // Before any thread starts (see the function).
+    skep_apiserver::heap::limit_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log)?)
