@@ -16,7 +16,8 @@
 //! (SKEP_EBPF_OBJECT as for the tests). Prints a table and writes
 //! target/bench/lb.json. `LB_BENCH_SECS` sets the seconds per measurement
 //! (default 2), `LB_BENCH_ROUNDS` the interleaved rounds whose medians are
-//! reported (default 3). Traffic stays inside the namespaces it creates.
+//! reported (default 5; ratios are medians of the per-round ratios).
+//! Traffic stays inside the namespaces it creates.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -175,7 +176,7 @@ fn main() {
     let rounds: usize = std::env::var("LB_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let scales = [1usize, 1_000, 10_000];
 
     let mut setups = Vec::new();
@@ -227,14 +228,34 @@ fn main() {
     }
 
     // Rounds interleave the setups so that load from elsewhere on the
-    // machine spreads over all of them; medians are reported.
+    // machine spreads over all of them, in alternating order so that no
+    // setup always runs right after the same one; medians are reported,
+    // and each ratio is the median of the ratios within the rounds (the
+    // two sides measured seconds apart, not a minute).
     let mut samples: Vec<Vec<Rates>> = setups.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (i, s) in setups.iter().enumerate() {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..setups.len()).collect()
+        } else {
+            (0..setups.len()).rev().collect()
+        };
+        for i in order {
+            let s = &setups[i];
             samples[i].push(measure(&s.topo, s.target, secs));
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
+    let index = |name: &str| setups.iter().position(|s| s.name == name).unwrap();
+    let ratio = |a: &str, b: &str, f: fn(&Rates) -> f64| {
+        let (a, b) = (&samples[index(a)], &samples[index(b)]);
+        median(
+            &mut a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f(x) / f(y))
+                .collect::<Vec<_>>(),
+        )
+    };
     let mut rows = Vec::new();
     for (s, m) in setups.iter().zip(&samples) {
         let pick = |f: fn(&Rates) -> f64| median(&mut m.iter().map(f).collect::<Vec<_>>());
@@ -246,12 +267,10 @@ fn main() {
         };
         rows.push((s.name.clone(), r, s.program));
     }
-    let find = |name: &str| &rows.iter().find(|(n, _, _)| n == name).unwrap().1;
     let program = |name: &str| rows.iter().find(|(n, _, _)| n == name).unwrap().2.unwrap();
-    let direct = find("direct");
 
     println!(
-        "\nmedians of {rounds} rounds × {secs} s\n{:<24} {:>12} {:>12} {:>10} {:>10} {:>12}",
+        "\nmedians of {rounds} rounds × {secs} s (ratios: medians of the per-round ratios)\n{:<24} {:>12} {:>12} {:>10} {:>10} {:>12}",
         "mode", "conn/s", "req/s", "p50 µs", "p99 µs", "program"
     );
     for (mode, r, prog) in &rows {
@@ -263,10 +282,11 @@ fn main() {
             r.conn_rate, r.rr_rate, r.p50_us, r.p99_us
         );
     }
-    let conn1 = find("skep eBPF, 1 svc").conn_rate / find("iptables, 1 svc").conn_rate;
-    let conn10k = find("skep eBPF, 10000 svc").conn_rate / find("iptables, 10000 svc").conn_rate;
-    let conn_direct10k = find("skep eBPF, 10000 svc").conn_rate / direct.conn_rate;
-    let rr_direct10k = find("skep eBPF, 10000 svc").rr_rate / direct.rr_rate;
+    let conn = |r: &Rates| r.conn_rate;
+    let conn1 = ratio("skep eBPF, 1 svc", "iptables, 1 svc", conn);
+    let conn10k = ratio("skep eBPF, 10000 svc", "iptables, 10000 svc", conn);
+    let conn_direct10k = ratio("skep eBPF, 10000 svc", "direct", conn);
+    let rr_direct10k = ratio("skep eBPF, 10000 svc", "direct", |r| r.rr_rate);
     let p10k = program("skep eBPF, 10000 svc").as_secs_f64();
     let ipt10k = program("iptables, 10000 svc").as_secs_f64();
     println!(
