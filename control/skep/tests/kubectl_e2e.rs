@@ -1079,14 +1079,7 @@ print("server-side apply ok")
 
 #[test]
 fn python_client_server_side_apply() {
-    let check = Command::new("python3")
-        .args(["-c", "import kubernetes"])
-        .output()
-        .expect("python3 is needed for this test");
-    assert!(
-        check.status.success(),
-        "the Python `kubernetes` package is missing: run `cargo xtask setup` (pip install kubernetes)"
-    );
+    common::require_python_kubernetes();
     let s = Server::start();
     let out = Command::new("timeout")
         .args(["120", "python3", "-c", PY_SSA])

@@ -8,14 +8,7 @@ use std::process::Command;
 
 #[test]
 fn python_kubernetes_client_works_unchanged() {
-    let check = Command::new("python3")
-        .args(["-c", "import kubernetes"])
-        .output()
-        .expect("python3 is needed for this test");
-    assert!(
-        check.status.success(),
-        "the Python `kubernetes` package is missing: run `cargo xtask setup` (pip install kubernetes)"
-    );
+    common::require_python_kubernetes();
     let s = Server::start();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/client_smoke.py");
     let out = Command::new("timeout")

@@ -1063,14 +1063,7 @@ sock.close()
 
 #[test]
 fn python_client_exec_and_port_forward() {
-    let check = Command::new("python3")
-        .args(["-c", "import kubernetes"])
-        .output()
-        .expect("python3 is needed for this test");
-    assert!(
-        check.status.success(),
-        "the Python `kubernetes` package is missing: run `cargo xtask setup` (pip install kubernetes)"
-    );
+    common::require_python_kubernetes();
     let f = Fixture::new();
     let out = Command::new("timeout")
         .args(["60", "python3", "-c", PYTHON_EXEC])

@@ -12,6 +12,18 @@ use std::{
 pub const KUBECTL_DIR: &str = "/usr/lib/google-cloud-sdk/bin";
 
 /// Path of a kubectl binary of one minor version (e.g. "1.31").
+/// Fails (never skips) when the Python `kubernetes` client is missing.
+pub fn require_python_kubernetes() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import kubernetes"])
+        .output()
+        .expect("python3 is needed for this test");
+    assert!(
+        check.status.success(),
+        "the Python `kubernetes` package is missing: run `cargo xtask setup` (pip install kubernetes)"
+    );
+}
+
 pub fn kubectl_bin(version: &str) -> PathBuf {
     let p = Path::new(KUBECTL_DIR).join(format!("kubectl.{version}"));
     assert!(
