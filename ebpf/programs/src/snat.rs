@@ -8,12 +8,13 @@
 //! (node address, SNAT port): the backend answers to this node, and the
 //! reply entry turns it back into (frontend → client).
 //!
-//! Both directions then need forwarding by this node: the translated
-//! packet has this node's address as source (forward) or destination-less
-//! local source (reply), which the stack would drop as martian if handed
-//! back to it. So they are sent on after a FIB lookup, by XDP_TX /
-//! redirect in `xdp_node`, or by `bpf_redirect`/`bpf_redirect_neigh` in TC
-//! when XDP cannot finish (no neighbour entry yet).
+//! Both directions then need forwarding by this node, and after the
+//! translation both carry one of this node's addresses as source (the
+//! SNAT address going to the backend, the frontend going back to the
+//! client): handed back to the stack on ingress, they would be dropped as
+//! martians. So they are sent on after a FIB lookup, by XDP_TX / redirect
+//! in `xdp_node`, or by `bpf_redirect`/`bpf_redirect_neigh` in TC when XDP
+//! cannot finish (no neighbour entry yet).
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_fib_lookup as FibLookup},
