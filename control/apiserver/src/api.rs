@@ -24,6 +24,8 @@ pub struct Api {
     pub server_address: String,
     /// The global-default PriorityClass, looked up at most once a second.
     pub(crate) default_priority: crate::pod_admission::DefaultClassCache,
+    /// Namespaces known to accept new objects (see `namespace_cache`).
+    namespaces: Arc<crate::namespace_cache::NamespaceCache>,
 }
 
 /// Query parameters of a request.
@@ -154,6 +156,14 @@ impl Api {
             registry: Registry::builtin(),
             server_address,
             default_priority: Default::default(),
+            namespaces: Default::default(),
+        }
+    }
+
+    /// Tells the namespace cache about a write to a namespace.
+    fn wrote(&self, info: &ResourceInfo, name: &str, revision: i64) {
+        if info.group.is_empty() && info.plural == "namespaces" {
+            self.namespaces.wrote(name, revision);
         }
     }
 
@@ -191,6 +201,9 @@ impl Api {
     }
 
     async fn namespace_must_accept(&self, ns: &str) -> Result<(), ApiError> {
+        if self.namespaces.accepts(&self.store, ns) {
+            return Ok(());
+        }
         let Some(nsinfo) = self.registry.lookup("", "v1", "namespaces") else {
             return Ok(());
         };
@@ -792,6 +805,7 @@ impl Api {
             if deleting && objects::finalizers(&next).is_empty() {
                 match self.store.delete(&key, Some(rev)).await {
                     Ok(d) => {
+                        self.wrote(info, name, d.revision);
                         objects::set_resource_version(&mut next, d.revision);
                         allocators::on_delete(self, info, &current).await;
                         return Ok(next);
@@ -814,6 +828,7 @@ impl Api {
                 .await
             {
                 Ok(kv) => {
+                    self.wrote(info, name, kv.mod_revision);
                     objects::set_resource_version(&mut next, kv.mod_revision);
                     if crd::is_crd(info) {
                         crd::install(self, &next);
@@ -952,6 +967,7 @@ impl Api {
                     .await
                 {
                     Ok(kv) => {
+                        self.wrote(info, &name, kv.mod_revision);
                         objects::set_resource_version(&mut obj, kv.mod_revision);
                         return Ok(obj);
                     }
@@ -961,6 +977,7 @@ impl Api {
             }
             match self.store.delete(&key, Some(rev)).await {
                 Ok(d) => {
+                    self.wrote(info, &name, d.revision);
                     objects::set_resource_version(&mut obj, d.revision);
                     allocators::on_delete(self, info, &obj).await;
                     return Ok(obj);

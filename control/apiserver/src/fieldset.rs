@@ -14,7 +14,7 @@
 //! `x-kubernetes-list-map-keys` / `x-kubernetes-map-type`.
 
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FieldSetError {
@@ -44,12 +44,68 @@ impl FieldSet {
 
     /// Adds one path (a sequence of `f:`/`k:`/`v:` elements).
     pub fn insert(&mut self, path: &[String]) {
+        if path.is_empty() {
+            return;
+        }
+        self.node_at(path).this = true;
+    }
+
+    /// The node at `path`, created if missing (an element is copied only
+    /// when its node is new: this runs for every member of every write).
+    fn node_at(&mut self, path: &[String]) -> &mut FieldSet {
         let mut node = self;
         for el in path {
-            node = node.children.entry(el.clone()).or_default();
+            if !node.children.contains_key(el) {
+                node.children.insert(el.clone(), FieldSet::default());
+            }
+            node = match node.children.get_mut(el) {
+                Some(n) => n,
+                // Inserted just above.
+                None => unreachable!("field set node inserted above"),
+            };
         }
-        if !path.is_empty() {
-            node.this = true;
+        node
+    }
+
+    /// Adds the members of `sub` (a subtree built for the value at `path`;
+    /// its `this` says whether `path` itself is a member).
+    fn insert_subtree(&mut self, path: &[String], sub: FieldSet) {
+        if !sub.this && sub.children.is_empty() {
+            return;
+        }
+        let at = if path.is_empty() {
+            self
+        } else {
+            self.node_at(path)
+        };
+        at.this |= sub.this && !path.is_empty();
+        at.merge(sub.children);
+    }
+
+    /// Moves `children` in (no copies where a node is new here).
+    fn merge(&mut self, children: BTreeMap<String, FieldSet>) {
+        if self.children.is_empty() {
+            self.children = children;
+            return;
+        }
+        for (k, c) in children {
+            match self.children.get_mut(&k) {
+                Some(mine) => {
+                    mine.this |= c.this;
+                    mine.merge(c.children);
+                }
+                None => {
+                    self.children.insert(k, c);
+                }
+            }
+        }
+    }
+
+    /// A leaf member: the path leading here, nothing below.
+    fn leaf() -> FieldSet {
+        FieldSet {
+            this: true,
+            children: BTreeMap::new(),
         }
     }
 
@@ -252,7 +308,15 @@ pub struct Shape<'a> {
     /// unknown field). Built-ins: not used.
     schema: Option<&'a Value>,
     custom: bool,
-    parents: Vec<String>,
+    /// The innermost field name, linked to the ones above it: a child
+    /// shape costs one node, not a copy of the whole path.
+    path: Option<Arc<PathNode>>,
+}
+
+#[derive(Debug)]
+struct PathNode {
+    name: String,
+    up: Option<Arc<PathNode>>,
 }
 
 impl<'a> Shape<'a> {
@@ -261,7 +325,7 @@ impl<'a> Shape<'a> {
         Self {
             schema: None,
             custom: false,
-            parents: Vec::new(),
+            path: None,
         }
     }
 
@@ -270,7 +334,7 @@ impl<'a> Shape<'a> {
         Self {
             schema,
             custom: true,
-            parents: Vec::new(),
+            path: None,
         }
     }
 
@@ -281,12 +345,13 @@ impl<'a> Shape<'a> {
                 .and_then(|p| p.get(name))
                 .or_else(|| s.get("additionalProperties").filter(|a| a.is_object()))
         });
-        let mut parents = self.parents.clone();
-        parents.push(name.to_owned());
         Shape {
             schema,
             custom: self.custom,
-            parents,
+            path: Some(Arc::new(PathNode {
+                name: name.to_owned(),
+                up: self.path.clone(),
+            })),
         }
     }
 
@@ -295,7 +360,7 @@ impl<'a> Shape<'a> {
         Shape {
             schema: self.schema.and_then(|s| s.get("items")),
             custom: self.custom,
-            parents: self.parents.clone(),
+            path: self.path.clone(),
         }
     }
 
@@ -311,7 +376,7 @@ impl<'a> Shape<'a> {
         // Label selectors are atomic upstream (`f:selector: {}`); so is a
         // Service's selector map (`+mapType=atomic`).
         matches!(
-            self.parents.last().map(String::as_str),
+            self.path.as_deref().map(|p| p.name.as_str()),
             Some("selector" | "labelSelector" | "namespaceSelector")
         )
     }
@@ -321,7 +386,37 @@ impl<'a> Shape<'a> {
         if self.custom {
             return custom_list_kind(self.schema);
         }
-        builtin_list_kind(&self.parents)
+        builtin_list_kind(&self.parents())
+    }
+
+    /// The field names from the root down to this value.
+    fn parents(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut at = self.path.as_deref();
+        while let Some(p) = at {
+            out.push(p.name.clone());
+            at = p.up.as_deref();
+        }
+        out.reverse();
+        out
+    }
+
+    /// The shape of field `name` when the shape is needed: objects and
+    /// lists. A scalar's shape is never consulted, so it gets a plain one.
+    fn field_of(&self, name: &str, values: [Option<&Value>; 2]) -> Shape<'a> {
+        if values
+            .iter()
+            .flatten()
+            .any(|v| v.is_object() || v.is_array())
+        {
+            self.field(name)
+        } else {
+            Shape {
+                schema: None,
+                custom: self.custom,
+                path: None,
+            }
+        }
     }
 }
 
@@ -440,91 +535,134 @@ pub fn value_element(v: &Value) -> String {
     format!("v:{v}")
 }
 
-/// Metadata fields the server owns; never part of any manager's set
-/// (structured-merge-diff's "strip meta" list).
+/// Whether `key` below `prefix` is a server-owned metadata field.
 fn ignored(prefix: &[String], key: &str) -> bool {
-    match prefix {
-        [] => matches!(key, "apiVersion" | "kind"),
-        [m] if m == "f:metadata" => matches!(
-            key,
-            "name"
-                | "namespace"
-                | "creationTimestamp"
-                | "selfLink"
-                | "uid"
-                | "generation"
-                | "managedFields"
-                | "resourceVersion"
-                | "deletionTimestamp"
-                | "deletionGracePeriodSeconds"
-        ),
-        _ => false,
-    }
+    Place::of(prefix).ignores(key)
 }
 
 /// The fields a value sets (an applied configuration's set): every leaf,
 /// every keyed list item (`.`), every set value; null fields are "not
 /// specified".
 pub fn of_value(v: &Value, shape: &Shape) -> FieldSet {
-    let mut out = FieldSet::new();
-    let mut prefix = Vec::new();
-    collect(v, shape, &mut prefix, &mut out);
-    out
+    subtree(v, shape, Place::Root)
 }
 
-fn collect(v: &Value, shape: &Shape, prefix: &mut Vec<String>, out: &mut FieldSet) {
+fn collect(v: &Value, shape: &Shape, prefix: &[String], out: &mut FieldSet) {
+    out.insert_subtree(prefix, subtree(v, shape, Place::of(prefix)));
+}
+
+fn collect_item_fields(item: &Value, shape: &Shape, prefix: &[String], out: &mut FieldSet) {
+    out.insert_subtree(prefix, item_fields(item, shape));
+}
+
+/// Where a value sits, as far as the server-owned metadata fields care.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Root,
+    Metadata,
+    Other,
+}
+
+impl Place {
+    fn of(prefix: &[String]) -> Place {
+        match prefix {
+            [] => Place::Root,
+            [m] if m == "f:metadata" => Place::Metadata,
+            _ => Place::Other,
+        }
+    }
+
+    fn child(self, key: &str) -> Place {
+        match (self, key) {
+            (Place::Root, "metadata") => Place::Metadata,
+            _ => Place::Other,
+        }
+    }
+
+    /// Metadata fields the server owns; never part of any manager's set
+    /// (structured-merge-diff's "strip meta" list).
+    fn ignores(self, key: &str) -> bool {
+        match self {
+            Place::Root => matches!(key, "apiVersion" | "kind"),
+            Place::Metadata => matches!(
+                key,
+                "name"
+                    | "namespace"
+                    | "creationTimestamp"
+                    | "selfLink"
+                    | "uid"
+                    | "generation"
+                    | "managedFields"
+                    | "resourceVersion"
+                    | "deletionTimestamp"
+                    | "deletionGracePeriodSeconds"
+            ),
+            Place::Other => false,
+        }
+    }
+}
+
+/// The members a value sets, built from the leaves up (every member path
+/// element is made once): its `this` says whether the value's own path is
+/// a member (a leaf, an atomic value), its children the members below.
+fn subtree(v: &Value, shape: &Shape, place: Place) -> FieldSet {
     match v {
-        Value::Object(m) if !m.is_empty() && (prefix.is_empty() || !shape.atomic_map()) => {
+        Value::Object(m) if !m.is_empty() && (place == Place::Root || !shape.atomic_map()) => {
+            let mut node = FieldSet::new();
             for (k, c) in m {
-                if c.is_null() || ignored(prefix, k) {
+                if c.is_null() || place.ignores(k) {
                     continue;
                 }
-                prefix.push(format!("f:{k}"));
-                collect(c, &shape.field(k), prefix, out);
-                prefix.pop();
+                let child = subtree(c, &shape.field_of(k, [Some(c), None]), place.child(k));
+                if child.this || !child.children.is_empty() {
+                    node.children.insert(format!("f:{k}"), child);
+                }
             }
+            node
         }
         Value::Array(items) if !items.is_empty() => match shape.list_kind() {
             ListKind::Map(keys) => match item_keys(items, &keys) {
                 Some(ks) => {
                     let item_shape = shape.item();
+                    let mut node = FieldSet::new();
                     for (it, k) in items.iter().zip(ks) {
-                        prefix.push(k);
-                        out.insert(prefix);
-                        collect_item_fields(it, &item_shape, prefix, out);
-                        prefix.pop();
+                        let mut item = item_fields(it, &item_shape);
+                        item.this = true;
+                        node.children.insert(k, item);
                     }
+                    node
                 }
-                None => out.insert(prefix),
+                None => FieldSet::leaf(),
             },
-            ListKind::Set => {
-                for it in items {
-                    prefix.push(value_element(it));
-                    out.insert(prefix);
-                    prefix.pop();
-                }
-            }
-            ListKind::Atomic => out.insert(prefix),
+            ListKind::Set => FieldSet {
+                this: false,
+                children: items
+                    .iter()
+                    .map(|it| (value_element(it), FieldSet::leaf()))
+                    .collect(),
+            },
+            ListKind::Atomic => FieldSet::leaf(),
         },
-        _ => {
-            if !prefix.is_empty() {
-                out.insert(prefix);
-            }
-        }
+        _ if place == Place::Root => FieldSet::new(),
+        _ => FieldSet::leaf(),
     }
 }
 
-fn collect_item_fields(item: &Value, shape: &Shape, prefix: &mut Vec<String>, out: &mut FieldSet) {
+/// The members set by the fields of a keyed list item.
+fn item_fields(item: &Value, shape: &Shape) -> FieldSet {
+    let mut node = FieldSet::new();
     if let Value::Object(m) = item {
         for (k, c) in m {
             if c.is_null() {
                 continue;
             }
-            prefix.push(format!("f:{k}"));
-            collect(c, &shape.field(k), prefix, out);
-            prefix.pop();
+            let child = subtree(c, &shape.field_of(k, [Some(c), None]), Place::Other);
+            if child.this || !child.children.is_empty() {
+                node.children.insert(format!("f:{k}"), child);
+            }
         }
     }
+    node
 }
 
 /// What changed from `old` to `new`: fields added or given another value,
@@ -576,7 +714,13 @@ fn diff(
                     continue;
                 }
                 prefix.push(format!("f:{k}"));
-                diff(om.get(k), Some(nv), &shape.field(k), prefix, ch);
+                diff(
+                    om.get(k),
+                    Some(nv),
+                    &shape.field_of(k, [om.get(k), Some(nv)]),
+                    prefix,
+                    ch,
+                );
                 prefix.pop();
             }
             for (k, ov) in om {
@@ -584,7 +728,13 @@ fn diff(
                     continue;
                 }
                 prefix.push(format!("f:{k}"));
-                diff(Some(ov), None, &shape.field(k), prefix, ch);
+                diff(
+                    Some(ov),
+                    None,
+                    &shape.field_of(k, [Some(ov), None]),
+                    prefix,
+                    ch,
+                );
                 prefix.pop();
             }
         }
@@ -659,7 +809,13 @@ fn diff_item(old: &Value, new: &Value, shape: &Shape, prefix: &mut Vec<String>, 
     let nm = new.as_object().unwrap_or(&empty);
     for (k, nv) in nm {
         prefix.push(format!("f:{k}"));
-        diff(om.get(k), Some(nv), &shape.field(k), prefix, ch);
+        diff(
+            om.get(k),
+            Some(nv),
+            &shape.field_of(k, [om.get(k), Some(nv)]),
+            prefix,
+            ch,
+        );
         prefix.pop();
     }
     for (k, ov) in om {
@@ -667,7 +823,13 @@ fn diff_item(old: &Value, new: &Value, shape: &Shape, prefix: &mut Vec<String>, 
             continue;
         }
         prefix.push(format!("f:{k}"));
-        diff(Some(ov), None, &shape.field(k), prefix, ch);
+        diff(
+            Some(ov),
+            None,
+            &shape.field_of(k, [Some(ov), None]),
+            prefix,
+            ch,
+        );
         prefix.pop();
     }
 }

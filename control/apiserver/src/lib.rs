@@ -21,6 +21,7 @@ pub mod health;
 pub mod heap;
 pub mod lifecycle;
 pub mod metrics_api;
+pub mod namespace_cache;
 pub mod node_proxy;
 pub mod objects;
 pub mod openapi;

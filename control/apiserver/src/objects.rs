@@ -4,6 +4,7 @@
 
 use crate::status::ApiError;
 use bytes::Bytes;
+use serde::de::DeserializeSeed;
 use serde_json::{Value, json};
 use skep_store::KeyValue;
 
@@ -13,6 +14,89 @@ pub fn from_kv(kv: &KeyValue) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key)))?;
     set_resource_version(&mut v, kv.mod_revision);
     Ok(v)
+}
+
+/// Like [`from_kv`], without `metadata.managedFields`, which is skipped
+/// while parsing rather than built and dropped: caches that never read it
+/// (the controllers' informers) decode every watch event, and on a typical
+/// object it is the largest part.
+pub fn from_kv_without_managed_fields(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(&kv.value);
+    let mut v = lean::Top
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| ApiError::internal(format!("stored object {} is not JSON: {e}", kv.key)))?;
+    set_resource_version(&mut v, kv.mod_revision);
+    Ok(v)
+}
+
+/// serde seeds for [`from_kv_without_managed_fields`]: the top-level
+/// object, whose `metadata` is read by [`lean::Meta`].
+mod lean {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    use serde_json::{Map, Value};
+    use std::fmt;
+
+    pub struct Top;
+    struct Meta;
+
+    impl<'de> DeserializeSeed<'de> for Top {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Top {
+        type Value = Value;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(k) = m.next_key::<String>()? {
+                let v = if k == "metadata" {
+                    m.next_value_seed(Meta)?
+                } else {
+                    m.next_value::<Value>()?
+                };
+                out.insert(k, v);
+            }
+            Ok(Value::Object(out))
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Meta {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Meta {
+        type Value = Value;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("object metadata")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if k == "managedFields" {
+                    m.next_value::<IgnoredAny>()?;
+                } else {
+                    out.insert(k, m.next_value()?);
+                }
+            }
+            Ok(Value::Object(out))
+        }
+        // Any other shape is kept as it is (the API never stores one).
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+            Ok(Value::String(s.to_owned()))
+        }
+    }
 }
 
 pub fn set_resource_version(v: &mut Value, rev: i64) {
@@ -136,6 +220,32 @@ pub fn partial_metadata(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lean_decoding_drops_only_managed_fields() {
+        let full = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "p", "labels": {"managedFields": "kept"},
+                         "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]},
+            "spec": {"managedFields": [1]}});
+        let kv = KeyValue {
+            key: "/registry/pods/d/p".into(),
+            value: to_stored(&full).unwrap(),
+            create_revision: 3,
+            mod_revision: 7,
+        };
+        let mut want = from_kv(&kv).unwrap();
+        want["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("managedFields");
+        assert_eq!(from_kv_without_managed_fields(&kv).unwrap(), want);
+        assert_eq!(want["metadata"]["resourceVersion"], "7");
+        let bad = KeyValue {
+            value: Bytes::from_static(b"{\"metadata\": {} } x"),
+            ..kv
+        };
+        assert!(from_kv_without_managed_fields(&bad).is_err());
+    }
 
     #[test]
     fn stored_layout_lets_the_revision_be_spliced_in() {

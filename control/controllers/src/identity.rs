@@ -25,8 +25,9 @@ use crate::{
     informer::{Informer, Informers},
     meta,
 };
+use serde_json::Value;
 use skep_client::identity::{
-    CLUSTER_FIRST, CLUSTER_LAST, IdentityKey, Labels, object, object_labels, parse_object,
+    CLUSTER_FIRST, CLUSTER_LAST, IdentityKey, object, object_labels, parse_object,
     pod_needs_identity,
 };
 use std::{
@@ -144,6 +145,45 @@ fn plan(
     (out, taken)
 }
 
+/// The label sets pods use, kept current from pod and namespace events:
+/// a pass then costs O(label sets), not a walk over every pod (10,000 pods
+/// created in a burst would otherwise keep a core busy with passes).
+#[derive(Debug, Default)]
+struct InUse {
+    /// Each pod that needs an identity ("ns/name") and its label set.
+    pods: HashMap<String, IdentityKey>,
+    /// How many of those pods use each label set.
+    counts: BTreeMap<IdentityKey, usize>,
+}
+
+impl InUse {
+    /// Records pod `name`'s label set (`None`: it needs none, or is gone).
+    fn set(&mut self, name: &str, key: Option<IdentityKey>) {
+        if self.pods.get(name) == key.as_ref() {
+            return;
+        }
+        let previous = match key {
+            Some(k) => {
+                *self.counts.entry(k.clone()).or_default() += 1;
+                self.pods.insert(name.to_owned(), k)
+            }
+            None => self.pods.remove(name),
+        };
+        if let Some(p) = previous
+            && let Some(n) = self.counts.get_mut(&p)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&p);
+            }
+        }
+    }
+
+    fn keys(&self) -> BTreeSet<IdentityKey> {
+        self.counts.keys().cloned().collect()
+    }
+}
+
 #[derive(Debug)]
 pub struct IdentityAllocator {
     client: Client,
@@ -152,6 +192,10 @@ pub struct IdentityAllocator {
     identities: Arc<Informer>,
     options: IdentityOptions,
     wake: Arc<Notify>,
+    /// Updated by the informers' handlers; each handler reads the caches
+    /// while holding it, so a pod event and a namespace event that race
+    /// cannot leave a label set computed from stale namespace labels.
+    in_use: std::sync::Mutex<InUse>,
 }
 
 /// Shortest pause between two allocation passes.
@@ -170,30 +214,82 @@ impl IdentityAllocator {
             identities: informers.get_or_create(client.info(SECURITY_IDENTITIES)?),
             options,
             wake: Arc::new(Notify::new()),
+            in_use: std::sync::Mutex::new(InUse::default()),
         });
-        for inf in [&a.pods, &a.namespaces, &a.identities] {
-            let wake = a.wake.clone();
-            // One stored permit covers any burst: the pass reads the caches
-            // as they are when it runs.
-            inf.on_change(Arc::new(move |_| wake.notify_one()));
-        }
+        let weak = Arc::downgrade(&a);
+        a.pods.on_change(Arc::new(move |ch| {
+            if let (Some(a), Some(pod)) = (weak.upgrade(), ch.object()) {
+                a.pod_changed(pod, ch.new.is_none());
+            }
+        }));
+        let weak = Arc::downgrade(&a);
+        a.namespaces.on_change(Arc::new(move |ch| {
+            if let (Some(a), Some(ns)) = (weak.upgrade(), ch.object()) {
+                a.namespace_changed(meta::name(ns));
+            }
+        }));
+        let wake = a.wake.clone();
+        a.identities.on_change(Arc::new(move |_| wake.notify_one()));
         Ok(vec![tokio::spawn(a.run())])
+    }
+
+    /// The label set of `pod`, if it needs one (namespace labels from the
+    /// cache as it is now).
+    fn key_of(&self, pod: &Value) -> Option<IdentityKey> {
+        if !pod_needs_identity(pod) {
+            return None;
+        }
+        let ns_labels = meta::namespace(pod)
+            .and_then(|n| self.namespaces.get(n))
+            .map(|n| object_labels(&n));
+        Some(IdentityKey::of_pod(pod, ns_labels.as_ref()))
+    }
+
+    fn lock_in_use(&self) -> std::sync::MutexGuard<'_, InUse> {
+        // The state is rebuilt from the caches at every resync, so one
+        // left half-updated by a panicking handler heals.
+        self.in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pod_changed(&self, pod: &Value, deleted: bool) {
+        let name = meta::key(pod);
+        {
+            let mut in_use = self.lock_in_use();
+            let key = if deleted { None } else { self.key_of(pod) };
+            in_use.set(&name, key);
+        }
+        // One stored permit covers any burst.
+        self.wake.notify_one();
+    }
+
+    fn namespace_changed(&self, ns: &str) {
+        {
+            let mut in_use = self.lock_in_use();
+            for pod in self.pods.list_ns(ns) {
+                let key = self.key_of(&pod);
+                in_use.set(&meta::key(&pod), key);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Recomputes the label sets in use from the caches (at start and at
+    /// every resync, a backstop for the event-driven updates).
+    fn rebuild_in_use(&self) {
+        let mut in_use = self.lock_in_use();
+        let mut fresh = InUse::default();
+        for pod in self.pods.list() {
+            let key = self.key_of(&pod);
+            fresh.set(&meta::key(&pod), key);
+        }
+        *in_use = fresh;
     }
 
     /// Every label set in use by a pod.
     fn live_keys(&self) -> BTreeSet<IdentityKey> {
-        let namespaces: HashMap<String, Labels> = self
-            .namespaces
-            .list()
-            .iter()
-            .map(|n| (meta::name(n).to_owned(), object_labels(n)))
-            .collect();
-        self.pods
-            .list()
-            .iter()
-            .filter(|p| pod_needs_identity(p))
-            .map(|p| IdentityKey::of_pod(p, meta::namespace(p).and_then(|n| namespaces.get(n))))
-            .collect()
+        self.lock_in_use().keys()
     }
 
     fn existing(&self) -> BTreeMap<u32, Option<IdentityKey>> {
@@ -213,9 +309,9 @@ impl IdentityAllocator {
         self.pods.synced().await;
         self.namespaces.synced().await;
         self.identities.synced().await;
+        self.rebuild_in_use();
         let mut unused_since = HashMap::new();
         loop {
-            let started = Instant::now();
             let (plan, taken) = plan(
                 &self.live_keys(),
                 &self.existing(),
@@ -231,16 +327,16 @@ impl IdentityAllocator {
             }
             let next = plan.next_expiry;
             self.carry_out(plan, taken).await;
-            // A pass reads every pod; under a burst of pod writes (10,000
-            // pods created at once) back-to-back passes would take a core.
-            // Changes that arrive meanwhile leave a permit, so the next
-            // pass follows this pause. Agents number a pod locally until
-            // its shared number arrives, so this delays no enforcement.
-            tokio::time::sleep(MIN_PASS_GAP.max(started.elapsed() * 10)).await;
+            // Passes are cheap, but a burst of pod writes (10,000 pods
+            // created at once) would still run one per write: changes
+            // that arrive meanwhile leave a permit, so the next pass
+            // follows this pause. Agents number a pod locally until its
+            // shared number arrives, so this delays no enforcement.
+            tokio::time::sleep(MIN_PASS_GAP).await;
             let wait = next.map_or(RESYNC, |n| n.min(RESYNC));
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait) => self.rebuild_in_use(),
             }
         }
     }
@@ -306,7 +402,7 @@ impl IdentityAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skep_client::identity::namespace_labels;
+    use skep_client::identity::{Labels, namespace_labels};
 
     fn key(app: &str) -> IdentityKey {
         IdentityKey {
@@ -322,6 +418,26 @@ mod tests {
             first: 256,
             last: 260,
         }
+    }
+
+    #[test]
+    fn in_use_counts_pods_per_label_set() {
+        let mut u = InUse::default();
+        u.set("x/a", Some(key("web")));
+        u.set("x/b", Some(key("web")));
+        u.set("x/c", Some(key("db")));
+        assert_eq!(u.keys(), BTreeSet::from([key("db"), key("web")]));
+        // A relabelled pod moves; repeated events change nothing.
+        u.set("x/c", Some(key("web")));
+        u.set("x/c", Some(key("web")));
+        assert_eq!(u.keys(), BTreeSet::from([key("web")]));
+        assert_eq!(u.counts[&key("web")], 3);
+        u.set("x/a", None);
+        u.set("x/b", None);
+        u.set("x/b", None);
+        assert_eq!(u.counts[&key("web")], 1);
+        u.set("x/c", None);
+        assert!(u.keys().is_empty() && u.pods.is_empty());
     }
 
     #[test]

@@ -33,15 +33,13 @@ impl Change {
 
 pub type Handler = Arc<dyn Fn(&Change) + Send + Sync>;
 
-/// Drops `metadata.managedFields` from a cached object, as client-go's
-/// informers are told to (`TransformStripManagedFields`): no controller
-/// reads them, and they are often the largest part of an object (every
-/// field its creator set, defaults included). Controllers' writes send no
-/// managedFields, which keeps the live ones (apiserver `apply.rs`).
-fn strip_managed_fields(v: &mut Value) {
-    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-    }
+/// Decodes a stored object for the cache without `metadata.managedFields`,
+/// as client-go's informers are told to (`TransformStripManagedFields`): no
+/// controller reads them, and they are often the largest part of an object
+/// (every field its creator set, defaults included). Controllers' writes
+/// send no managedFields, which keeps the live ones (apiserver `apply.rs`).
+fn decode(kv: &skep_store::KeyValue) -> Result<Value, skep_apiserver::status::ApiError> {
+    objects::from_kv_without_managed_fields(kv)
 }
 
 /// A resource's shared cache, kept current by a watch.
@@ -176,9 +174,8 @@ impl Informer {
                 .await?;
             revision = Some(page.revision);
             for kv in &page.items {
-                match objects::from_kv(kv) {
-                    Ok(mut v) => {
-                        strip_managed_fields(&mut v);
+                match decode(kv) {
+                    Ok(v) => {
                         fresh.insert(self.cache_key(&kv.key), Arc::new(v));
                     }
                     Err(e) => {
@@ -229,10 +226,8 @@ impl Informer {
             let rev = ev.revision();
             let key = self.cache_key(ev.key());
             let change = match &ev {
-                Event::Put { kv, .. } => match objects::from_kv(kv) {
-                    Ok(mut v) => {
-                        objects::set_resource_version(&mut v, kv.mod_revision);
-                        strip_managed_fields(&mut v);
+                Event::Put { kv, .. } => match decode(kv) {
+                    Ok(v) => {
                         let new = Arc::new(v);
                         let old = self
                             .cache

@@ -49,7 +49,10 @@ const REPLAY_PAGE: i64 = 1000;
 const BROADCAST_GROUPS: usize = 4096;
 /// Events buffered per watcher.
 const WATCH_BUFFER: usize = 1024;
-/// Read connections kept open.
+/// Read connections, opened at start; also the most reads run at once.
+/// A read beyond them waits for one: a fresh connection would cost an open
+/// and a cold page cache (every B-tree page read again), more than the
+/// wait for a warm one.
 const READ_POOL: usize = 4;
 
 const SCHEMA: &str = "
@@ -137,6 +140,7 @@ impl SqliteStore {
         let readers = Arc::new(ReadPool {
             path: path.clone(),
             idle: Mutex::new(readers),
+            permits: Arc::new(tokio::sync::Semaphore::new(READ_POOL)),
         });
 
         let (events, _) = broadcast::channel(BROADCAST_GROUPS);
@@ -571,6 +575,8 @@ impl Latest {
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// One per connection: whoever holds one finds an idle connection.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReadPool {
@@ -579,9 +585,20 @@ impl ReadPool {
         self: &Arc<Self>,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        // Held by the blocking task, so a cancelled caller does not free
+        // it while its read still runs.
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let pool = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = pool.idle.lock().map_err(|_| StoreError::Closed)?.pop();
+            // With a permit there is an idle connection; a connection lost
+            // to a panicking read is replaced here.
             let mut conn = match conn {
                 Some(c) => c,
                 None => open_connection(&pool.path, false)?,
