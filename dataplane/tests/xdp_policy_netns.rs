@@ -42,6 +42,7 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const XDP_DROPS: &str = "xdp_policy_drop";
 const TC_DENIED: &str = "policy_denied_ingress";
+const CACHE_HITS: &str = "xdp_deny_cache_hit";
 
 struct Setup {
     // Field order is drop order: servers, then namespaces, then pins.
@@ -167,6 +168,11 @@ impl Setup {
     fn counters(&self) -> (u64, u64) {
         let c = self.dp.counters().unwrap();
         (c.get(XDP_DROPS), c.get(TC_DENIED))
+    }
+
+    /// Denials `xdp_policy` took from its cache so far.
+    fn cache_hits(&self) -> u64 {
+        self.dp.counters().unwrap().get(CACHE_HITS)
     }
 
     /// The link pins of ext0 under `<root>/links`.
@@ -454,4 +460,173 @@ fn a_new_loader_keeps_the_attachment() {
     s.udp_denied(DENIED, 5353, 3);
     assert_eq!(dp2.counters().unwrap().get(XDP_DROPS) - before, 3);
     s.tcp_ok(ADMITTED, 8080);
+}
+
+/// Keeps the calling thread (and the threads it spawns, e.g. to enter a
+/// namespace) on CPU 0. The denial cache is per CPU, and a veth runs the
+/// receiver's XDP on the sending CPU: pinned, every datagram a test sends
+/// meets the same cache, so hit counts are exact.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls only read
+    // and write that local.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity(CPU 0): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A repeated denial comes from the cache (no ipcache or rule lookups);
+/// an apply that admits the source makes the very next packet pass, and
+/// one that takes the admission back denies again at once.
+#[test]
+fn cached_denials_end_with_the_next_policy_apply() {
+    pin_to_cpu0();
+    let mut s = setup("dcache");
+    s.attach();
+    let server = s.topo.pods[0].ip;
+    let (drops0, _) = s.counters();
+    let hits0 = s.cache_hits();
+    // Five datagrams from one socket: the first is judged and cached, the
+    // four others hit the cache. The pod hook sees none of them.
+    s.udp_denied(DENIED, 5353, 5);
+    let (drops1, tc1) = s.counters();
+    assert_eq!(drops1 - drops0, 5, "all five dropped at XDP");
+    assert_eq!(
+        s.cache_hits() - hits0,
+        4,
+        "the second and later hit the cache"
+    );
+    // Another source port of the same source: the same entry.
+    s.udp_denied(DENIED, 5353, 2);
+    assert_eq!(s.counters().0 - drops1, 2);
+    assert_eq!(
+        s.cache_hits() - hits0,
+        6,
+        "the source port is not in the key"
+    );
+
+    // Admit the world on UDP 5353: DENIED (in no ipcache entry) is WORLD.
+    let gen_before = s.policy.generation().unwrap();
+    let mut admitting = state(server);
+    admitting.rules.insert(
+        PolicyRule {
+            endpoint: SERVER_ENDPOINT,
+            direction: PolicyDirection::Ingress,
+            identity: ID_WORLD,
+            ports: PortMatch::AnyPort { proto: UDP },
+        },
+        3,
+    );
+    s.policy.apply(&admitting).unwrap();
+    assert!(
+        s.policy.generation().unwrap() > gen_before,
+        "an apply that changed a rule must bump the generation"
+    );
+    let (drops2, _) = s.counters();
+    let hits2 = s.cache_hits();
+    // ask_udp sends one datagram: its answer proves the first packet after
+    // the apply passed.
+    s.udp_ok(DENIED, 5353);
+    assert_eq!(s.counters().0, drops2, "no stale denial after the apply");
+    assert_eq!(s.cache_hits(), hits2);
+    // TCP from DENIED is still refused (the rule is UDP only) ...
+    s.tcp_denied(DENIED, 8080);
+    let (drops3, _) = s.counters();
+    assert!(drops3 > drops2, "the SYNs were not dropped at XDP");
+
+    // ... and taking the rule back denies the next datagram at once, with a
+    // fresh decision (no hit), then from the cache again.
+    s.policy.apply(&state(server)).unwrap();
+    let hits3 = s.cache_hits();
+    s.udp_denied(DENIED, 5353, 3);
+    let (drops4, tc4) = s.counters();
+    assert_eq!(drops4 - drops3, 3, "denied again right after the apply");
+    assert_eq!(s.cache_hits() - hits3, 2, "the first was judged afresh");
+    assert_eq!(tc4, tc1, "nothing reached the pod hook's denial");
+    s.tcp_ok(ADMITTED, 8080);
+}
+
+/// A reply of a connection the pod opened passes even when the same
+/// (source, destination, port, protocol) was cached as denied before: the
+/// policy conntrack is checked before the cache.
+#[test]
+fn replies_pass_despite_a_cached_denial_of_the_same_tuple() {
+    const POD_PORT: u16 = 6000;
+    pin_to_cpu0();
+    let s = setup("dcreply");
+    s.attach();
+    let pod = &s.topo.pods[0];
+    let (drops0, _) = s.counters();
+    let hits0 = s.cache_hits();
+    // DENIED → pod:6000 is denied and cached.
+    s.udp_denied(DENIED, POD_PORT, 3);
+    let (drops1, _) = s.counters();
+    assert_eq!(drops1 - drops0, 3);
+    assert_eq!(s.cache_hits() - hits0, 2, "the denial is cached");
+    // Now the pod talks to DENIED from port 6000: the replies carry the
+    // cached (DENIED, pod, 6000, UDP) and must all pass.
+    let sock = pod.udp(POD_PORT);
+    for i in 0..5 {
+        let who = ask_udp(&sock, SocketAddrV4::new(DENIED, 7001), &format!("q{i}"))
+            .unwrap_or_else(|e| panic!("reply {i} of the pod's own exchange was lost: {e}"));
+        assert_eq!(who, "external");
+    }
+    assert_eq!(s.counters().0, drops1, "no reply was dropped at XDP");
+    // A new exchange DENIED opens to that port is still denied, from the
+    // cache.
+    let hits1 = s.cache_hits();
+    s.udp_denied(DENIED, POD_PORT, 2);
+    assert_eq!(s.counters().0 - drops1, 2);
+    assert_eq!(s.cache_hits() - hits1, 2);
+}
+
+/// A connection admitted before its rule went keeps working although new
+/// connections of the same (source, destination, port) are now denied
+/// and cached: the admitted connection's conntrack entry is checked before
+/// a cached denial is applied.
+#[test]
+fn an_admitted_connection_outlives_a_cached_denial_of_its_port() {
+    pin_to_cpu0();
+    let mut s = setup("dcestab");
+    s.attach();
+    let server = s.topo.pods[0].ip;
+    let dst = s.server(8080);
+    let mut open = s
+        .tcp_from(ADMITTED, dst)
+        .unwrap_or_else(|e| panic!("{ADMITTED} → {dst} must connect: {e}"));
+    assert_eq!(ask_with_peer(&mut open, "before").unwrap().0, "pod0");
+    // Take the TCP rule away: new connections from ADMITTED to 8080 are
+    // denied: the first SYN judged, a later connection's SYN (sent from
+    // this thread's CPU, like the first) from the cache.
+    let mut without_tcp = state(server);
+    without_tcp
+        .rules
+        .retain(|r, _| !matches!(r.ports, PortMatch::Range { proto: TCP, .. }));
+    s.policy.apply(&without_tcp).unwrap();
+    let hits0 = s.cache_hits();
+    let (drops0, _) = s.counters();
+    s.tcp_denied(ADMITTED, 8080);
+    s.tcp_denied(ADMITTED, 8080);
+    assert!(s.counters().0 - drops0 >= 2, "the SYNs were dropped at XDP");
+    assert!(
+        s.cache_hits() > hits0,
+        "the second connection's SYN hit the cache"
+    );
+    // The open connection's packets carry the cached key and pass.
+    let (drops1, _) = s.counters();
+    let hits1 = s.cache_hits();
+    for i in 0..5 {
+        let (who, peer) = ask_with_peer(&mut open, &format!("after {i}"))
+            .unwrap_or_else(|e| panic!("the admitted connection broke: {e}"));
+        assert_eq!((who.as_str(), peer), ("pod0", ADMITTED.to_string()));
+    }
+    assert_eq!(s.counters().0, drops1, "no packet of it was dropped at XDP");
+    assert_eq!(s.cache_hits(), hits1);
 }

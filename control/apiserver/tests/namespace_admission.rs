@@ -3,6 +3,8 @@
 //! check is answered from a watch-fed cache; 404 when it does not exist.
 //! Runs the real API layer on a real SQLite store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use serde_json::{Value, json};
 use skep_apiserver::{
     api::{Api, Query},

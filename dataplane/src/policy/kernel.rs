@@ -11,6 +11,13 @@
 //! isolation on), then removals of endpoints, rules and ipcache entries.
 //! The LPM tries have no batch update in the kernel, so each key is one
 //! bpf(2) call (a few µs each).
+//!
+//! Every apply ends by bumping the policy generation (`SKEP_POLICY_GEN`),
+//! also when it failed half-way: `xdp_policy` caches denials tagged with
+//! the generation it read before deciding, and ignores entries of an
+//! older one, so the first packet after an apply is judged on the new
+//! maps. `apply_maps` is the only code that writes the three maps, and it
+//! is only reached through `apply`, which bumps after it.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -41,6 +48,9 @@ pub struct KernelPolicy {
     endpoints: HashMap<MapData, u32, EndpointValue>,
     rules: LpmTrie<MapData, RuleData, PolicyValue>,
     config: Array<MapData, LbConfig>,
+    /// The policy generation: one u64, bumped after every write of the
+    /// three maps above.
+    generation: Array<MapData, u64>,
     /// What the maps hold: (prefix length, network-order address).
     ipcache_now: StdHashMap<(u32, u32), IpcacheValue>,
     endpoints_now: StdHashMap<u32, EndpointValue>,
@@ -111,6 +121,8 @@ impl KernelPolicy {
             open_pinned(pin_root, names::MAP_POLICY, LpmTrie::try_from)?;
         let config: Array<MapData, LbConfig> =
             open_pinned(pin_root, names::MAP_CONFIG, Array::try_from)?;
+        let generation: Array<MapData, u64> =
+            open_pinned(pin_root, names::MAP_POLICY_GEN, Array::try_from)?;
 
         let mut ipcache_now = StdHashMap::new();
         for item in ipcache.iter() {
@@ -135,17 +147,38 @@ impl KernelPolicy {
             enforcing = flags & CFG_F_POLICY != 0,
             "policy maps open"
         );
-        Ok(KernelPolicy {
+        let mut policy = KernelPolicy {
             ipcache,
             endpoints,
             rules,
             config,
+            generation,
             ipcache_now,
             endpoints_now,
             rules_now,
             enforce: true,
             complete: flags & CFG_F_POLICY != 0,
-        })
+        };
+        // A previous agent may have died between writing the maps and
+        // bumping: denials cached since then must not be believed.
+        policy.bump_generation()?;
+        Ok(policy)
+    }
+
+    /// The current policy generation (see the module documentation).
+    pub fn generation(&self) -> Result<u64, DataplaneError> {
+        self.generation
+            .get(&0, 0)
+            .map_err(map_err(names::MAP_POLICY_GEN))
+    }
+
+    /// Invalidates every denial `xdp_policy` cached until now. This handle
+    /// is the only writer, so read-then-write cannot lose a bump.
+    fn bump_generation(&mut self) -> Result<(), DataplaneError> {
+        let next = self.generation()?.wrapping_add(1);
+        self.generation
+            .set(0, next, 0)
+            .map_err(map_err(names::MAP_POLICY_GEN))
     }
 
     /// Turns enforcement on or off (flows keep being reported). Off takes
@@ -266,7 +299,12 @@ impl KernelPolicy {
 
 impl PolicyDatapath for KernelPolicy {
     fn apply(&mut self, state: &PolicyState) -> Result<ApplyStats, DataplaneError> {
-        let stats = self.apply_maps(state)?;
+        let applied = self.apply_maps(state);
+        // After the writes, whether or not all of them succeeded (a failed
+        // apply may still have changed some keys).
+        let bumped = self.bump_generation();
+        let stats = applied?;
+        bumped?;
         self.complete = true;
         self.write_flags()?;
         if stats != ApplyStats::default() {

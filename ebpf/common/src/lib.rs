@@ -62,14 +62,24 @@ pub mod names {
     pub const MAP_POLICY_CT: &str = "SKEP_POLICY_CT";
     /// Ring buffer of [`super::FlowEvent`]s.
     pub const MAP_FLOWS: &str = "SKEP_FLOWS";
+    /// Array of one u64: the policy generation, bumped by userspace after
+    /// every change of the ipcache, endpoint or rule maps. `xdp_policy`'s
+    /// denial cache entries of an older generation are ignored.
+    pub const MAP_POLICY_GEN: &str = "SKEP_POLICY_GEN";
+    /// Per-CPU array: slot (a hash of the [`super::DenyKey`]) ->
+    /// [`super::DenyEntry`]: `xdp_policy`'s recent denials, one
+    /// direct-mapped table per CPU. Not pinned: each loader starts with an
+    /// empty cache.
+    pub const MAP_XDP_DENY: &str = "SKEP_XDP_DENY";
 
     /// Every policy map the dataplane pins next to the LB maps.
-    pub const POLICY_MAPS: [&str; 5] = [
+    pub const POLICY_MAPS: [&str; 6] = [
         MAP_IPCACHE,
         MAP_ENDPOINTS,
         MAP_POLICY,
         MAP_POLICY_CT,
         MAP_FLOWS,
+        MAP_POLICY_GEN,
     ];
 
     /// Every map the load balancer pins (in this order in the pin dir).
@@ -418,10 +428,13 @@ pub enum LbCounter {
     /// Packets `xdp_node` left to the TC hooks because it could not finish
     /// them (neighbour unresolved, fragment, no FIB route).
     XdpLbFallback = 26,
+    /// Of the [`LbCounter::XdpPolicyDrop`] drops, those decided by the
+    /// denial cache (no endpoint, ipcache or rule lookups).
+    XdpDenyCacheHit = 27,
 }
 
 /// Number of counters (size of [`names::MAP_COUNTERS`]).
-pub const LB_COUNTERS: u32 = 27;
+pub const LB_COUNTERS: u32 = 28;
 
 /// Every counter with its name, for userspace reports.
 pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
@@ -452,6 +465,7 @@ pub const LB_COUNTER_NAMES: [(LbCounter, &str); LB_COUNTERS as usize] = [
     (LbCounter::XdpLbPass, "xdp_lb_pass"),
     (LbCounter::XdpLbTx, "xdp_lb_tx"),
     (LbCounter::XdpLbFallback, "xdp_lb_fallback"),
+    (LbCounter::XdpDenyCacheHit, "xdp_deny_cache_hit"),
 ];
 
 /// Config flag ([`LbConfig::flags`]): enforce NetworkPolicy in the pod
@@ -653,6 +667,41 @@ pub struct FlowEvent {
     pub ifindex: u32,
 }
 
+/// What a cached denial ([`DenyEntry`]) is about: what the decision
+/// depends on besides the maps covered by the policy generation. No source
+/// port, so a flood with random source ports hits the same entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DenyKey {
+    /// Network byte order, as in the packet.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// A slot of [`names::MAP_XDP_DENY`]: one cached denial.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEntry {
+    pub key: DenyKey,
+    /// The source's identity at the decision (for flow events of hits).
+    pub src_identity: u32,
+    /// The destination endpoint's identity then (likewise).
+    pub dst_identity: u32,
+    pub _pad: u32,
+    /// The policy generation read before the decision was made; 0 = empty
+    /// (userspace bumps the generation before enforcing anything).
+    pub generation: u64,
+}
+
+/// log2 of the slots per CPU of the denial cache (32 bytes each: 128 KiB
+/// per CPU). Two denials whose keys share a slot take turns; a miss only
+/// costs the full decision.
+pub const XDP_DENY_SLOTS_LOG2: u32 = 12;
+pub const XDP_DENY_SLOTS: u32 = 1 << XDP_DENY_SLOTS_LOG2;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all impls below): each type is #[repr(C)], Copy, built only from
@@ -677,6 +726,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::MeshOrigDst {}
     unsafe impl aya::Pod for super::MeshPod {}
+    unsafe impl aya::Pod for super::DenyKey {}
+    unsafe impl aya::Pod for super::DenyEntry {}
 }
 
 #[cfg(test)]
@@ -698,6 +749,8 @@ mod tests {
         assert_eq!(size_of::<SockRevValue>(), 8);
         assert_eq!(size_of::<IpcacheKey>(), 8);
         assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<DenyKey>(), 12);
+        assert_eq!(size_of::<DenyEntry>(), 32);
         assert_eq!(size_of::<EndpointValue>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 16);
         assert_eq!(size_of::<PolicyValue>(), 8);

@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use skep_ebpf_common::{
-    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, EndpointValue, IpcacheValue,
-    LB_COUNTERS, LbConfig, LbCounter, PolicyCtValue, PolicyValue, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, DenyEntry, EndpointValue,
+    IpcacheValue, LB_COUNTERS, LbConfig, LbCounter, PolicyCtValue, PolicyValue, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue, XDP_DENY_SLOTS,
 };
 
 const PLACEHOLDER_FRONTENDS: u32 = 64;
@@ -70,6 +70,20 @@ pub static POLICY: LpmTrie<[u8; 12], PolicyValue> =
 #[map(name = "SKEP_POLICY_CT")]
 pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue> =
     LruHashMap::with_max_entries(PLACEHOLDER_ENTRIES, 0);
+
+/// The policy generation (one u64): bumped by userspace (`KernelPolicy`)
+/// after each change of IPCACHE, ENDPOINTS or POLICY. Its own map, not a
+/// field of CONFIG: CONFIG is rewritten whole by the load balancer side.
+#[map(name = "SKEP_POLICY_GEN")]
+pub static POLICY_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// `xdp_policy`'s recent denials, valid while their generation is
+/// current: a direct-mapped table per CPU. Not a hash map: an array slot
+/// is found without a hash-table walk or lock (the lookup is inlined), and
+/// per CPU no other writer can tear a slot while it is read. Not pinned
+/// (a new loader starts empty).
+#[map(name = "SKEP_XDP_DENY")]
+pub static XDP_DENY: PerCpuArray<DenyEntry> = PerCpuArray::with_max_entries(XDP_DENY_SLOTS, 0);
 
 /// Flow events; userspace sizes it (a power of two multiple of the page).
 #[map(name = "SKEP_FLOWS")]

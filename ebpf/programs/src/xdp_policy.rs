@@ -9,21 +9,37 @@
 //! and for which no rule admits the source (its identity, its CIDR
 //! identity, any peer). Everything else passes, and the pod hooks make the
 //! full decision (host sources, service DNAT, flow events, conntrack
-//! bookkeeping): this program never writes a map other than its counter.
+//! bookkeeping): this program writes no map the hooks read, only its
+//! counters and its own denial cache.
+//!
+//! The denial cache: a flood repeats the same denial, and the lookups
+//! behind it (ENDPOINTS, then the IPCACHE and POLICY tries) were most of
+//! its cost. A denial is remembered per (source, destination, destination
+//! port, protocol) in a small direct-mapped table per CPU, tagged with the
+//! policy generation read *before* the decision; userspace bumps the
+//! generation after every change of the ipcache, endpoint or rule maps, so
+//! an entry is only believed while nothing it stands for changed. The
+//! policy conntrack (written by the pod hooks, not covered by the
+//! generation) is still checked before a cached denial is applied, so a
+//! reply of the pod's own connection, or a connection admitted under an
+//! older policy, is never refused by it. Only denials are cached: what
+//! passes goes on to the pod hooks, which decide exactly.
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use skep_ebpf_common::{
-    CFG_F_FLOWS, CFG_F_POLICY, CtKey, DIR_INGRESS, DROP_POLICY_INGRESS, EP_F_INGRESS_ISOLATED,
-    EndpointValue, FlowEvent, ID_ANY, ID_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    IpcacheValue, LbConfig, LbCounter, OBS_XDP, PCT_F_INGRESS_OK, POLICY_ID_NONE,
-    POLICY_PREFIX_EXACT, PolicyKey, VERDICT_DROPPED,
+    CFG_F_FLOWS, CFG_F_POLICY, CtKey, DIR_INGRESS, DROP_POLICY_INGRESS, DenyEntry, DenyKey,
+    EP_F_INGRESS_ISOLATED, FlowEvent, ID_ANY, ID_HOST, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    IpcacheValue, LbCounter, OBS_XDP, PCT_F_INGRESS_OK, POLICY_ID_NONE, POLICY_PREFIX_EXACT,
+    PolicyKey, VERDICT_DROPPED, XDP_DENY_SLOTS_LOG2,
 };
 
 use crate::{
-    maps::{CONFIG, ENDPOINTS, FLOWS, POLICY, POLICY_CT, XDP_EVENT_BUDGET, count},
+    maps::{
+        CONFIG, ENDPOINTS, FLOWS, POLICY, POLICY_CT, POLICY_GEN, XDP_DENY, XDP_EVENT_BUDGET, count,
+    },
     packet::ETH_HLEN,
     policy,
 };
@@ -49,10 +65,10 @@ const EVENTS_PER_CPU_SECOND: u64 = 128;
 #[inline(always)]
 pub fn early_drop(ctx: &XdpContext) -> u32 {
     match denied(ctx) {
-        Some((cfg, t, ep, src)) => {
+        Some(d) => {
             count(LbCounter::XdpPolicyDrop);
-            if cfg.flags & CFG_F_FLOWS != 0 {
-                report(ctx, &t, &ep, &src);
+            if d.flows {
+                report(ctx, &d);
             }
             xdp_action::XDP_DROP
         }
@@ -62,7 +78,8 @@ pub fn early_drop(ctx: &XdpContext) -> u32 {
 
 /// A DROPPED flow event for `t`, within this CPU's budget.
 #[inline(always)]
-fn report(ctx: &XdpContext, t: &Tuple, ep: &EndpointValue, src: &IpcacheValue) {
+fn report(ctx: &XdpContext, d: &Denial) {
+    let t = &d.t;
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(budget) = XDP_EVENT_BUDGET.get_ptr_mut(0) else {
@@ -95,8 +112,8 @@ fn report(ctx: &XdpContext, t: &Tuple, ep: &EndpointValue, src: &IpcacheValue) {
         drop_reason: DROP_POLICY_INGRESS,
         observation: OBS_XDP,
         _pad: 0,
-        src_identity: src.identity,
-        dst_identity: ep.identity,
+        src_identity: d.src_identity,
+        dst_identity: d.dst_identity,
         policy_id: POLICY_ID_NONE,
         // SAFETY: reading a field of this invocation's xdp_md.
         ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
@@ -163,15 +180,54 @@ fn parse(ctx: &XdpContext) -> Option<Tuple> {
     })
 }
 
-/// The packet and what was looked up, when the destination's ingress
-/// policy certainly refuses it.
+/// A packet the destination's ingress policy certainly refuses.
+struct Denial {
+    /// Flow events are wanted.
+    flows: bool,
+    t: Tuple,
+    src_identity: u32,
+    dst_identity: u32,
+}
+
+/// The denial of this packet, if its destination's ingress policy
+/// certainly refuses it.
 #[inline(always)]
-fn denied(ctx: &XdpContext) -> Option<(LbConfig, Tuple, EndpointValue, IpcacheValue)> {
-    let cfg = *CONFIG.get(0)?;
+fn denied(ctx: &XdpContext) -> Option<Denial> {
+    let cfg = CONFIG.get(0)?;
     if cfg.ready == 0 || cfg.flags & CFG_F_POLICY == 0 {
         return None;
     }
+    let flows = cfg.flags & CFG_F_FLOWS != 0;
+    // Read before the maps the decision depends on: a change after this
+    // read bumps the generation past the one a new entry records.
+    let generation = *POLICY_GEN.get(0)?;
     let t = parse(ctx)?;
+    let key = DenyKey {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        dport: t.dport,
+        proto: t.proto,
+        _pad: 0,
+    };
+    let slot = XDP_DENY.get_ptr_mut(deny_slot(&key))?;
+    // SAFETY: this CPU's slot of a per-CPU array: only this program on
+    // this CPU writes it, and never while this invocation reads it.
+    let cached = unsafe { *slot };
+    if cached.key == key && cached.generation == generation {
+        // The entry stands for the ENDPOINTS, IPCACHE and POLICY lookups
+        // (their maps are unchanged since: same generation), not for the
+        // policy conntrack, which the pod hooks write at any time.
+        if known_connection(&t) {
+            return None;
+        }
+        count(LbCounter::XdpDenyCacheHit);
+        return Some(Denial {
+            flows,
+            t,
+            src_identity: cached.src_identity,
+            dst_identity: cached.dst_identity,
+        });
+    }
     // SAFETY: userspace writes whole values; copied at once.
     let ep = unsafe { ENDPOINTS.get(&t.daddr).copied() }?;
     if ep.flags & EP_F_INGRESS_ISOLATED == 0 {
@@ -188,7 +244,33 @@ fn denied(ctx: &XdpContext) -> Option<(LbConfig, Tuple, EndpointValue, IpcacheVa
     if admitted(ep.endpoint, &src, t.proto, t.dport) {
         return None;
     }
-    Some((cfg, t, ep, src))
+    // SAFETY: as above; a whole-slot store (the previous denial in this
+    // slot, if any, is forgotten).
+    unsafe {
+        *slot = DenyEntry {
+            key,
+            src_identity: src.identity,
+            dst_identity: ep.identity,
+            _pad: 0,
+            generation,
+        };
+    }
+    Some(Denial {
+        flows,
+        t,
+        src_identity: src.identity,
+        dst_identity: ep.identity,
+    })
+}
+
+/// The cache slot of `key`: a multiplicative hash of its 12 bytes.
+#[inline(always)]
+fn deny_slot(key: &DenyKey) -> u32 {
+    let mixed =
+        key.saddr ^ key.daddr.rotate_left(16) ^ (u32::from(key.dport) << 8 | u32::from(key.proto));
+    // Fibonacci hashing: the top bits of the product depend on all input
+    // bits.
+    mixed.wrapping_mul(0x9e37_79b1) >> (32 - XDP_DENY_SLOTS_LOG2)
 }
 
 /// A reply of a connection some side admitted, or a connection the
