@@ -709,34 +709,7 @@ fn diff(
         (Some(Value::Object(om)), Some(Value::Object(nm)))
             if !om.is_empty() && !nm.is_empty() && (prefix.is_empty() || !shape.atomic_map()) =>
         {
-            for (k, nv) in nm {
-                if ignored(prefix, k) {
-                    continue;
-                }
-                prefix.push(format!("f:{k}"));
-                diff(
-                    om.get(k),
-                    Some(nv),
-                    &shape.field_of(k, [om.get(k), Some(nv)]),
-                    prefix,
-                    ch,
-                );
-                prefix.pop();
-            }
-            for (k, ov) in om {
-                if nm.contains_key(k) || ignored(prefix, k) {
-                    continue;
-                }
-                prefix.push(format!("f:{k}"));
-                diff(
-                    Some(ov),
-                    None,
-                    &shape.field_of(k, [Some(ov), None]),
-                    prefix,
-                    ch,
-                );
-                prefix.pop();
-            }
+            diff_fields(om, nm, shape, prefix, ch);
         }
         (Some(Value::Array(oa)), Some(Value::Array(na))) if !oa.is_empty() && !na.is_empty() => {
             match shape.list_kind() {
@@ -805,9 +778,28 @@ fn diff(
 
 fn diff_item(old: &Value, new: &Value, shape: &Shape, prefix: &mut Vec<String>, ch: &mut Changes) {
     let empty = Map::new();
-    let om = old.as_object().unwrap_or(&empty);
-    let nm = new.as_object().unwrap_or(&empty);
+    diff_fields(
+        old.as_object().unwrap_or(&empty),
+        new.as_object().unwrap_or(&empty),
+        shape,
+        prefix,
+        ch,
+    );
+}
+
+/// The fields of two versions of an object (server-owned metadata fields
+/// skipped), each compared with [`diff`].
+fn diff_fields(
+    om: &Map<String, Value>,
+    nm: &Map<String, Value>,
+    shape: &Shape,
+    prefix: &mut Vec<String>,
+    ch: &mut Changes,
+) {
     for (k, nv) in nm {
+        if ignored(prefix, k) {
+            continue;
+        }
         prefix.push(format!("f:{k}"));
         diff(
             om.get(k),
@@ -819,7 +811,7 @@ fn diff_item(old: &Value, new: &Value, shape: &Shape, prefix: &mut Vec<String>, 
         prefix.pop();
     }
     for (k, ov) in om {
-        if nm.contains_key(k) {
+        if nm.contains_key(k) || ignored(prefix, k) {
             continue;
         }
         prefix.push(format!("f:{k}"));

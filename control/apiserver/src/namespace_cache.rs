@@ -16,7 +16,7 @@
 
 use crate::objects;
 use serde_json::Value;
-use skep_store::{Event, ListRequest, Store, StoreError};
+use skep_store::{Event, Store, StoreError};
 use std::{
     collections::HashMap,
     sync::{
@@ -133,32 +133,15 @@ async fn run(cache: Weak<NamespaceCache>, store: Arc<dyn Store>) {
 /// `Ok` when the cache is gone; `Err` when the store failed.
 async fn follow(cache: &Weak<NamespaceCache>, store: &Arc<dyn Store>) -> Result<(), StoreError> {
     let mut active = HashMap::new();
-    let mut start: Option<String> = None;
-    let mut revision = None;
-    loop {
-        let page = store
-            .list(ListRequest {
-                prefix: PREFIX,
-                start: start.as_deref(),
-                limit: 1000,
-                revision,
-            })
-            .await?;
-        revision = Some(page.revision);
-        for kv in &page.items {
-            if let Ok(obj) = objects::from_kv(kv)
-                && is_active(&obj)
-            {
-                let name = kv.key.strip_prefix(PREFIX).unwrap_or(&kv.key);
-                active.insert(name.to_owned(), kv.mod_revision);
-            }
+    let listed_at = skep_store::list_each(store.as_ref(), PREFIX, 1000, |kv| {
+        if let Ok(obj) = objects::from_kv(kv)
+            && is_active(&obj)
+        {
+            let name = kv.key.strip_prefix(PREFIX).unwrap_or(&kv.key);
+            active.insert(name.to_owned(), kv.mod_revision);
         }
-        match page.next_start() {
-            Some(s) => start = Some(s),
-            None => break,
-        }
-    }
-    let listed_at = revision.unwrap_or(0);
+    })
+    .await?;
     {
         let Some(c) = cache.upgrade() else {
             return Ok(());

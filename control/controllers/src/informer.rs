@@ -9,7 +9,7 @@
 use crate::meta;
 use serde_json::Value;
 use skep_apiserver::{objects, resources::ResourceInfo};
-use skep_store::{Event, ListRequest, Store, StoreError};
+use skep_store::{Event, Store, StoreError};
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, RwLock},
@@ -161,34 +161,15 @@ impl Informer {
     async fn relist(&self, store: &Arc<dyn Store>) -> Result<i64, StoreError> {
         let prefix = self.info.storage_prefix();
         let mut fresh = BTreeMap::new();
-        let mut start: Option<String> = None;
-        let mut revision = None;
-        loop {
-            let page = store
-                .list(ListRequest {
-                    prefix: &prefix,
-                    start: start.as_deref(),
-                    limit: 1000,
-                    revision,
-                })
-                .await?;
-            revision = Some(page.revision);
-            for kv in &page.items {
-                match decode(kv) {
-                    Ok(v) => {
-                        fresh.insert(self.cache_key(&kv.key), Arc::new(v));
-                    }
-                    Err(e) => {
-                        tracing::warn!(key = %kv.key, error = %e, "skipping an undecodable object")
-                    }
-                }
+        let rev = skep_store::list_each(store.as_ref(), &prefix, 1000, |kv| match decode(kv) {
+            Ok(v) => {
+                fresh.insert(self.cache_key(&kv.key), Arc::new(v));
             }
-            match page.next_start() {
-                Some(s) => start = Some(s),
-                None => break,
+            Err(e) => {
+                tracing::warn!(key = %kv.key, error = %e, "skipping an undecodable object")
             }
-        }
-        let rev = revision.unwrap_or(0);
+        })
+        .await?;
         let mut changes = Vec::new();
         if let Ok(mut cache) = self.cache.write() {
             for (k, v) in &fresh {

@@ -76,3 +76,32 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Compacting at or below an earlier compaction is a no-op.
     async fn compact(&self, revision: Revision) -> Result<()>;
 }
+
+/// Reads every key under `prefix` as of one revision (the first page's),
+/// `page` keys per request, handing each to `each`; returns that revision.
+/// For caches that list, then watch from the returned revision.
+pub async fn list_each(
+    store: &dyn Store,
+    prefix: &str,
+    page: usize,
+    mut each: impl FnMut(&KeyValue),
+) -> Result<Revision> {
+    let mut start: Option<String> = None;
+    let mut revision = None;
+    loop {
+        let p = store
+            .list(ListRequest {
+                prefix,
+                start: start.as_deref(),
+                limit: page,
+                revision,
+            })
+            .await?;
+        revision = Some(p.revision);
+        p.items.iter().for_each(&mut each);
+        match p.next_start() {
+            Some(s) => start = Some(s),
+            None => return Ok(p.revision),
+        }
+    }
+}
