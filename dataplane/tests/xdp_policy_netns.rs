@@ -587,6 +587,58 @@ fn replies_pass_despite_a_cached_denial_of_the_same_tuple() {
     assert_eq!(s.cache_hits() - hits1, 2);
 }
 
+/// A denial cached for one full tuple (one source port, so later packets
+/// skip the conntrack lookups while nothing new is admitted) yields as soon
+/// as the pod opens an exchange that makes that tuple a reply: the pod
+/// hook's admission bumps the conntrack generation.
+#[test]
+fn a_cached_denial_of_one_source_port_yields_to_the_pods_own_exchange() {
+    const POD_PORT: u16 = 6001;
+    const PEER_PORT: u16 = 7101;
+    pin_to_cpu0();
+    let s = setup("dcport");
+    s.attach();
+    let pod = &s.topo.pods[0];
+    let peer = s
+        .external
+        .ns
+        .run(|| UdpSocket::bind(SocketAddrV4::new(DENIED, PEER_PORT)))
+        .unwrap()
+        .expect("bind the peer's UDP socket in the external namespace");
+    peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (drops0, _) = s.counters();
+    let hits0 = s.cache_hits();
+    for i in 0..4 {
+        peer.send_to(format!("flood {i}").as_bytes(), s.server(POD_PORT))
+            .unwrap();
+    }
+    let sock = pod.udp(POD_PORT);
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (drops1, _) = s.counters();
+    assert_eq!(
+        drops1 - drops0,
+        4,
+        "the peer's datagrams were dropped at XDP"
+    );
+    assert_eq!(s.cache_hits() - hits0, 3, "the denial is cached");
+    let mut buf = [0u8; 256];
+    for i in 0..3 {
+        let q = format!("q{i}");
+        sock.send_to(q.as_bytes(), SocketAddrV4::new(DENIED, PEER_PORT))
+            .unwrap();
+        let (len, from) = peer
+            .recv_from(&mut buf)
+            .expect("the pod's datagram reached the peer");
+        assert_eq!(&buf[..len], q.as_bytes());
+        peer.send_to(format!("a{i}").as_bytes(), from).unwrap();
+        let (len, _) = sock
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("reply {i} to the pod's own exchange was lost: {e}"));
+        assert_eq!(&buf[..len], format!("a{i}").as_bytes());
+    }
+    assert_eq!(s.counters().0, drops1, "no reply was dropped at XDP");
+}
+
 /// A connection admitted before its rule went keeps working although new
 /// connections of the same (source, destination, port) are now denied
 /// and cached: the admitted connection's conntrack entry is checked before

@@ -225,7 +225,7 @@ impl KernelDatapath {
         // The policy maps are pinned beside the LB maps (same loader, same
         // object), so a restarted agent re-adopts its rules, its policy
         // conntrack and the flow ring buffer with them.
-        let sizes: [(&'static str, u32); 16] = [
+        let sizes: [(&'static str, u32); 17] = [
             (names::MAP_SERVICES, settings.max_frontends),
             (names::MAP_BACKENDS, settings.max_backends),
             (
@@ -245,6 +245,8 @@ impl KernelDatapath {
             (names::MAP_FLOWS, settings.flow_ring_bytes),
             // The policy generation xdp_policy's denial cache checks.
             (names::MAP_POLICY_GEN, 1),
+            // The policy conntrack generation, bumped by the pod hooks.
+            (names::MAP_POLICY_CT_GEN, 1),
             // [mesh] capture records and local meshed pods.
             (
                 names::MAP_MESH_ORIG,

@@ -72,14 +72,21 @@ pub mod names {
     /// empty cache.
     pub const MAP_XDP_DENY: &str = "SKEP_XDP_DENY";
 
+    /// Array, 1 entry: the policy conntrack generation (u64), bumped by
+    /// the pod hooks whenever they admit something into
+    /// [`MAP_POLICY_CT`] (a new entry or a new direction). A cached
+    /// denial that saw the current value needs no conntrack lookup.
+    pub const MAP_POLICY_CT_GEN: &str = "SKEP_POLICY_CT_GEN";
+
     /// Every policy map the dataplane pins next to the LB maps.
-    pub const POLICY_MAPS: [&str; 6] = [
+    pub const POLICY_MAPS: [&str; 7] = [
         MAP_IPCACHE,
         MAP_ENDPOINTS,
         MAP_POLICY,
         MAP_POLICY_CT,
         MAP_FLOWS,
         MAP_POLICY_GEN,
+        MAP_POLICY_CT_GEN,
     ];
 
     /// Every map the load balancer pins (in this order in the pin dir).
@@ -690,13 +697,21 @@ pub struct DenyEntry {
     pub src_identity: u32,
     /// The destination endpoint's identity then (likewise).
     pub dst_identity: u32,
-    pub _pad: u32,
+    /// The source port of the packet whose tuple the policy conntrack was
+    /// last checked for (network order): the key has no source port, the
+    /// conntrack's answer depends on it.
+    pub ct_sport: u16,
+    pub _pad: u16,
     /// The policy generation read before the decision was made; 0 = empty
     /// (userspace bumps the generation before enforcing anything).
     pub generation: u64,
+    /// The policy conntrack generation read before that check: while it is
+    /// current, nothing has been admitted since, so the check would still
+    /// find no connection for (key, `ct_sport`).
+    pub ct_generation: u64,
 }
 
-/// log2 of the slots per CPU of the denial cache (32 bytes each: 128 KiB
+/// log2 of the slots per CPU of the denial cache (40 bytes each: 160 KiB
 /// per CPU). Two denials whose keys share a slot take turns; a miss only
 /// costs the full decision.
 pub const XDP_DENY_SLOTS_LOG2: u32 = 12;
@@ -750,7 +765,7 @@ mod tests {
         assert_eq!(size_of::<IpcacheKey>(), 8);
         assert_eq!(size_of::<IpcacheValue>(), 8);
         assert_eq!(size_of::<DenyKey>(), 12);
-        assert_eq!(size_of::<DenyEntry>(), 32);
+        assert_eq!(size_of::<DenyEntry>(), 40);
         assert_eq!(size_of::<EndpointValue>(), 16);
         assert_eq!(size_of::<PolicyKey>(), 16);
         assert_eq!(size_of::<PolicyValue>(), 8);

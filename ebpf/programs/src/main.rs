@@ -9,6 +9,9 @@
 //! fetch semantics); the flow ring buffer needs 5.8.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the one atomic add (policy conntrack generation).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod conntrack;
 mod counter;

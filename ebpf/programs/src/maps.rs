@@ -77,6 +77,13 @@ pub static POLICY_CT: LruHashMap<CtKey, PolicyCtValue> =
 #[map(name = "SKEP_POLICY_GEN")]
 pub static POLICY_GEN: Array<u64> = Array::with_max_entries(1, 0);
 
+/// The policy conntrack generation (one u64): bumped by the pod hooks
+/// after each admission into POLICY_CT, so `xdp_policy` knows when a
+/// cached denial must look at the conntrack again. Pinned with POLICY_CT:
+/// the hooks and `xdp_node` of every loader must share one.
+#[map(name = "SKEP_POLICY_CT_GEN")]
+pub static POLICY_CT_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
 /// `xdp_policy`'s recent denials, valid while their generation is
 /// current: a direct-mapped table per CPU. Not a hash map: an array slot
 /// is found without a hash-table walk or lock (the lookup is inlined), and

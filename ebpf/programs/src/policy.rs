@@ -17,6 +17,7 @@
 //! observed: traffic of the node's other interfaces passes untouched.
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use skep_ebpf_common::{
     CFG_F_POLICY, CtKey, DIR_EGRESS, DIR_INGRESS, DROP_NO_BACKEND, DROP_NONE, DROP_POLICY_EGRESS,
     DROP_POLICY_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, EndpointValue, ID_ANY,
@@ -27,7 +28,7 @@ use skep_ebpf_common::{
 
 use crate::{
     flow::{self, Outcome},
-    maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_CT, count},
+    maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_CT, POLICY_CT_GEN, count},
     packet::{Packet, TCP_FIN, TCP_RST},
 };
 
@@ -150,6 +151,23 @@ fn admit(
             // A failed insert only means the next packet is judged again.
             let _ = POLICY_CT.insert(key, v, 0);
         }
+    }
+    bump_ct_generation();
+}
+
+/// After an admission: denials `xdp_policy` cached before it must look at
+/// the conntrack again (the admitted connection's packets would be
+/// among them).
+#[inline(always)]
+fn bump_ct_generation() {
+    if let Some(g) = POLICY_CT_GEN.get_ptr_mut(0) {
+        // SAFETY: an array value: a u64, 8-byte aligned, valid while the
+        // program runs. Atomic because every CPU bumps it (a lost update
+        // could leave it unchanged); the result is unused, so LLVM emits
+        // the plain atomic add every kernel accepts, not the fetch form
+        // that needs 5.12 (`core`'s AtomicU64 has no fetch_add on this
+        // target, hence the intrinsic).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(g, 1) };
     }
 }
 

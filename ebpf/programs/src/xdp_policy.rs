@@ -38,7 +38,8 @@ use skep_ebpf_common::{
 
 use crate::{
     maps::{
-        CONFIG, ENDPOINTS, FLOWS, POLICY, POLICY_CT, POLICY_GEN, XDP_DENY, XDP_EVENT_BUDGET, count,
+        CONFIG, ENDPOINTS, FLOWS, POLICY, POLICY_CT, POLICY_CT_GEN, POLICY_GEN, XDP_DENY,
+        XDP_EVENT_BUDGET, count,
     },
     packet::ETH_HLEN,
     policy,
@@ -201,6 +202,9 @@ fn denied(ctx: &XdpContext) -> Option<Denial> {
     // Read before the maps the decision depends on: a change after this
     // read bumps the generation past the one a new entry records.
     let generation = *POLICY_GEN.get(0)?;
+    // Likewise before the conntrack lookups: an admission after this read
+    // bumps it past the value an entry records.
+    let ct_generation = *POLICY_CT_GEN.get(0)?;
     let t = parse(ctx)?;
     let key = DenyKey {
         saddr: t.saddr,
@@ -215,10 +219,19 @@ fn denied(ctx: &XdpContext) -> Option<Denial> {
     let cached = unsafe { *slot };
     if cached.key == key && cached.generation == generation {
         // The entry stands for the ENDPOINTS, IPCACHE and POLICY lookups
-        // (their maps are unchanged since: same generation), not for the
-        // policy conntrack, which the pod hooks write at any time.
-        if known_connection(&t) {
-            return None;
+        // (their maps are unchanged since: same generation), and for the
+        // conntrack lookups of one full tuple while nothing was admitted
+        // since (same source port, same conntrack generation): a flood
+        // from one port skips them, one from random ports does not.
+        if cached.ct_generation != ct_generation || cached.ct_sport != t.sport {
+            if known_connection(&t) {
+                return None;
+            }
+            // SAFETY: this CPU's slot, as above.
+            unsafe {
+                (*slot).ct_generation = ct_generation;
+                (*slot).ct_sport = t.sport;
+            }
         }
         count(LbCounter::XdpDenyCacheHit);
         return Some(Denial {
@@ -251,8 +264,10 @@ fn denied(ctx: &XdpContext) -> Option<Denial> {
             key,
             src_identity: src.identity,
             dst_identity: ep.identity,
+            ct_sport: t.sport,
             _pad: 0,
             generation,
+            ct_generation,
         };
     }
     Some(Denial {
