@@ -97,10 +97,10 @@ pub static XDP_DENY: PerCpuArray<DenyEntry> = PerCpuArray::with_max_entries(XDP_
 pub static FLOWS: RingBuf = RingBuf::with_byte_size(PLACEHOLDER_RING_BYTES, 0);
 
 /// Per-CPU budget of `xdp_policy`'s drop events: [second of the window,
-/// events sent in it]. Not pinned: a new loader starting a fresh budget
+/// events sent in it, drops counted while it was spent]. Not pinned: a new loader starting a fresh budget
 /// is harmless.
 #[map(name = "SKEP_XDP_EVBUDGET")]
-pub static XDP_EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+pub static XDP_EVENT_BUDGET: PerCpuArray<[u64; 3]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch space for bpf_fib_lookup's parameters (too big for
 /// the 512-byte stack next to the hooks' other state). Not pinned.
