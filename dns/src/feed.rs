@@ -8,7 +8,7 @@ use crate::{
 };
 use arc_swap::ArcSwapOption;
 use serde_json::Value;
-use skep_store::{Event, KeyValue, ListRequest, Revision, Store, StoreError};
+use skep_store::{Event, KeyValue, Revision, Store, StoreError};
 use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::mpsc;
 
@@ -119,25 +119,11 @@ async fn list_all(
     revision: Option<Revision>,
 ) -> Result<(Vec<KeyValue>, Revision), StoreError> {
     let mut items = Vec::new();
-    let mut start: Option<String> = None;
-    let mut rev = revision;
-    loop {
-        let page = store
-            .list(ListRequest {
-                prefix,
-                start: start.as_deref(),
-                limit: 1000,
-                revision: rev,
-            })
-            .await?;
-        rev = Some(page.revision);
-        start = page.next_start();
-        let revision = page.revision;
-        items.extend(page.items);
-        if start.is_none() {
-            return Ok((items, revision));
-        }
-    }
+    let rev = skep_store::list_each(store.as_ref(), prefix, 1000, revision, |kv| {
+        items.push(kv.clone())
+    })
+    .await?;
+    Ok((items, rev))
 }
 
 /// Where a new snapshot goes: the served slot, and the gauges describing it.

@@ -133,7 +133,7 @@ async fn run(cache: Weak<NamespaceCache>, store: Arc<dyn Store>) {
 /// `Ok` when the cache is gone; `Err` when the store failed.
 async fn follow(cache: &Weak<NamespaceCache>, store: &Arc<dyn Store>) -> Result<(), StoreError> {
     let mut active = HashMap::new();
-    let listed_at = skep_store::list_each(store.as_ref(), PREFIX, 1000, |kv| {
+    let listed_at = skep_store::list_each(store.as_ref(), PREFIX, 1000, None, |kv| {
         if let Ok(obj) = objects::from_kv(kv)
             && is_active(&obj)
         {

@@ -161,15 +161,16 @@ impl Informer {
     async fn relist(&self, store: &Arc<dyn Store>) -> Result<i64, StoreError> {
         let prefix = self.info.storage_prefix();
         let mut fresh = BTreeMap::new();
-        let rev = skep_store::list_each(store.as_ref(), &prefix, 1000, |kv| match decode(kv) {
-            Ok(v) => {
-                fresh.insert(self.cache_key(&kv.key), Arc::new(v));
-            }
-            Err(e) => {
-                tracing::warn!(key = %kv.key, error = %e, "skipping an undecodable object")
-            }
-        })
-        .await?;
+        let rev =
+            skep_store::list_each(store.as_ref(), &prefix, 1000, None, |kv| match decode(kv) {
+                Ok(v) => {
+                    fresh.insert(self.cache_key(&kv.key), Arc::new(v));
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping an undecodable object")
+                }
+            })
+            .await?;
         let mut changes = Vec::new();
         if let Ok(mut cache) = self.cache.write() {
             for (k, v) in &fresh {

@@ -77,17 +77,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn compact(&self, revision: Revision) -> Result<()>;
 }
 
-/// Reads every key under `prefix` as of one revision (the first page's),
-/// `page` keys per request, handing each to `each`; returns that revision.
-/// For caches that list, then watch from the returned revision.
+/// Reads every key under `prefix` as of one revision (`at`, or the first
+/// page's when `None`), `page` keys per request, handing each to `each`;
+/// returns that revision. For caches that list, then watch from the
+/// returned revision.
 pub async fn list_each(
     store: &dyn Store,
     prefix: &str,
     page: usize,
+    at: Option<Revision>,
     mut each: impl FnMut(&KeyValue),
 ) -> Result<Revision> {
     let mut start: Option<String> = None;
-    let mut revision = None;
+    let mut revision = at;
     loop {
         let p = store
             .list(ListRequest {
