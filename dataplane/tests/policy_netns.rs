@@ -695,6 +695,93 @@ fn removing_a_rule_blocks_new_connections_but_not_established_ones() {
     tcp_denied(c.pod(0), to(c.pod(1), 9090));
 }
 
+/// A TCP connection from `from`'s source port `sport` (reused at once:
+/// SO_REUSEADDR), with a request/response on it; `None` when the SYN goes
+/// unanswered within `within`.
+fn tcp_from_port(from: &Pod, sport: u16, dst: SocketAddrV4, within: Duration) -> Option<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    from.ns
+        .run(|| {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )
+            .expect("TCP socket");
+            setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+            // connect(2) gives up after the send timeout.
+            setsockopt(
+                &fd,
+                sockopt::SendTimeout,
+                &nix::sys::time::TimeVal::from(libc::timeval {
+                    tv_sec: within.as_secs() as _,
+                    tv_usec: 0,
+                }),
+            )
+            .unwrap();
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrIn::from(SocketAddrV4::new(from.ip, sport)),
+            )
+            .unwrap_or_else(|e| panic!("bind {}:{sport}: {e}", from.ip));
+            match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(dst)) {
+                Ok(()) => Some(TcpStream::from(fd)),
+                Err(
+                    nix::errno::Errno::EINPROGRESS
+                    | nix::errno::Errno::ETIMEDOUT
+                    | nix::errno::Errno::EAGAIN,
+                ) => None,
+                Err(e) => panic!("connect {} → {dst} from port {sport}: {e}", from.name),
+            }
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_new_connection_reusing_an_admitted_tuple_is_judged_by_the_current_rules() {
+    let (mut c, _servers) = cluster("reuse");
+    let rules = [(
+        rule(1, PolicyDirection::Ingress, identity(0), tcp_port(8080)),
+        3,
+    )];
+    let s = c.state(&[(1, true, false)], &rules);
+    c.apply(&s);
+    const SPORT: u16 = 41_234;
+    let dst = to(c.pod(1), 8080);
+    let mut first = tcp_from_port(c.pod(0), SPORT, dst, Duration::from_secs(2))
+        .expect("the allowed connection must open");
+    assert_eq!(ask(&mut first, "hi").unwrap(), "pod1");
+    // Closed with a reset: neither side keeps the tuple in TIME_WAIT, so
+    // the same tuple can open again at once, while the policy conntrack
+    // still holds the admitted entry (no sweep has run).
+    nix::sys::socket::setsockopt(
+        &first,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .expect("SO_LINGER 0");
+    drop(first);
+    let s = c.state(&[(1, true, false)], &[]);
+    c.apply(&s);
+    assert!(
+        tcp_from_port(c.pod(0), SPORT, dst, Duration::from_secs(2)).is_none(),
+        "a SYN on the tuple of an earlier admitted connection is a new connection: \
+         the rule that admitted the earlier one is gone, so it must be dropped"
+    );
+    // And with the rule back, the same tuple opens again.
+    let s = c.state(&[(1, true, false)], &rules);
+    c.apply(&s);
+    let mut again = tcp_from_port(c.pod(0), SPORT, dst, Duration::from_secs(2))
+        .expect("allowed again once the rule is back");
+    assert_eq!(ask(&mut again, "again").unwrap(), "pod1");
+}
+
 /// Rules of 1,000 identities, 4 rules each, on pod1.
 fn big_state(c: &Cluster) -> PolicyState {
     let mut s = c.state(&[(1, true, true)], &[]);

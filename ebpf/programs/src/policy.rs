@@ -7,7 +7,10 @@
 //!
 //! Only the first packet of a connection is judged (or, after the
 //! conntrack forgot it or enforcement was just turned on, its next packet:
-//! a mid-stream packet without an entry is judged like a new one).
+//! a mid-stream packet without an entry is judged like a new one). A TCP
+//! SYN is always judged, even when an entry for its tuple lingers: that
+//! entry belongs to an earlier connection from the same port (a quick
+//! reconnect, TIME_WAIT reuse), admitted under the rules of its time.
 //! Connections admitted once keep passing after a policy change until
 //! their entry goes idle and the agent's sweep or the LRU removes it,
 //! the way Cilium and iptables-based implementations behave; new
@@ -21,15 +24,15 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use skep_ebpf_common::{
     CFG_F_POLICY, CtKey, DIR_EGRESS, DIR_INGRESS, DROP_NO_BACKEND, DROP_NONE, DROP_POLICY_EGRESS,
     DROP_POLICY_INGRESS, EP_F_EGRESS_ISOLATED, EP_F_INGRESS_ISOLATED, EndpointValue, ID_ANY,
-    ID_HOST, ID_WORLD, IpcacheValue, LbConfig, LbCounter, OBS_FROM_POD, OBS_TO_POD, PCT_F_CLOSING,
-    PCT_F_EGRESS_OK, PCT_F_INGRESS_OK, POLICY_ID_HOST, POLICY_ID_NONE, POLICY_PREFIX_EXACT,
-    PolicyCtValue, PolicyKey,
+    ID_HOST, ID_WORLD, IPPROTO_TCP, IpcacheValue, LbConfig, LbCounter, OBS_FROM_POD, OBS_TO_POD,
+    PCT_F_CLOSING, PCT_F_EGRESS_OK, PCT_F_INGRESS_OK, POLICY_ID_HOST, POLICY_ID_NONE,
+    POLICY_PREFIX_EXACT, PolicyCtValue, PolicyKey,
 };
 
 use crate::{
     flow::{self, Outcome},
     maps::{ENDPOINTS, IPCACHE, POLICY, POLICY_CT, POLICY_CT_GEN, count},
-    packet::{Packet, TCP_FIN, TCP_RST},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// The ipcache's answer for `addr`: longest prefix, WORLD when unknown.
@@ -110,6 +113,9 @@ fn touch(e: *mut PolicyCtValue, p: &Packet, now: u64) {
 #[inline(always)]
 fn known(key: &CtKey, flag: u32, p: &Packet, now: u64) -> Result<(), Option<*mut PolicyCtValue>> {
     let existing = POLICY_CT.get_ptr_mut(key);
+    if opens_connection(p) {
+        return Err(existing);
+    }
     if let Some(e) = existing {
         // SAFETY: pointer from a successful lookup.
         if unsafe { (*e).flags } & flag != 0 {
@@ -122,6 +128,13 @@ fn known(key: &CtKey, flag: u32, p: &Packet, now: u64) -> Result<(), Option<*mut
         return Ok(());
     }
     Err(existing)
+}
+
+/// A TCP SYN without ACK: the start of a new connection, whatever the
+/// conntrack remembers of its tuple.
+#[inline(always)]
+fn opens_connection(p: &Packet) -> bool {
+    p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Records that this side admitted the connection.
