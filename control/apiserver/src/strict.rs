@@ -100,7 +100,15 @@ pub fn check_built_in(
         return Ok(false);
     };
     let mut unknown = Vec::new();
-    walk(index, obj, "", true, &mut unknown, 0, mode != Mode::Strict);
+    walk(
+        index,
+        obj,
+        &mut String::new(),
+        true,
+        &mut unknown,
+        0,
+        mode != Mode::Strict,
+    );
     match mode {
         Mode::Strict if !unknown.is_empty() => Err(unknown),
         Mode::Warn => {
@@ -119,7 +127,15 @@ pub fn unknown_fields(api_version: &str, kind: &str, obj: &Value) -> Option<Vec<
     let index = schema::for_kind(api_version, kind)?;
     let mut out = Vec::new();
     let mut copy = obj.clone();
-    walk(index, &mut copy, "", true, &mut out, 0, false);
+    walk(
+        index,
+        &mut copy,
+        &mut String::new(),
+        true,
+        &mut out,
+        0,
+        false,
+    );
     Some(out)
 }
 
@@ -129,9 +145,10 @@ pub fn unknown_fields(api_version: &str, kind: &str, obj: &Value) -> Option<Vec<
 /// elsewhere).
 pub fn duplicate_fields(body: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
+    let mut path = String::new();
     let mut de = serde_json::Deserializer::from_slice(body);
     let seed = Dups {
-        path: String::new(),
+        path: &mut path,
         out: &mut out,
         depth: 0,
     };
@@ -141,11 +158,43 @@ pub fn duplicate_fields(body: &[u8]) -> Vec<String> {
     out
 }
 
-/// Walks any JSON value, recording repeated keys of its objects.
+/// Walks any JSON value, recording repeated keys of its objects. Every
+/// request body passes through here, so the path of the value being read
+/// is one buffer that grows and shrinks as the walk descends and returns
+/// (it is copied only for a repeated key).
 struct Dups<'a> {
-    path: String,
+    path: &'a mut String,
     out: &'a mut Vec<String>,
     depth: usize,
+}
+
+/// The keys seen so far in one object: a short list while the object is
+/// small (most are), a hash set once it is not, so that a body with a
+/// huge object stays linear.
+enum SeenKeys {
+    Few(Vec<String>),
+    Many(std::collections::HashSet<String>),
+}
+
+impl SeenKeys {
+    const FEW: usize = 16;
+
+    /// Records `key`; false when it was seen before.
+    fn insert(&mut self, key: String) -> bool {
+        match self {
+            SeenKeys::Few(keys) => {
+                if keys.contains(&key) {
+                    return false;
+                }
+                keys.push(key);
+                if keys.len() > Self::FEW {
+                    *self = SeenKeys::Many(std::mem::take(keys).into_iter().collect());
+                }
+                true
+            }
+            SeenKeys::Many(keys) => keys.insert(key),
+        }
+    }
 }
 
 impl<'de> DeserializeSeed<'de> for Dups<'_> {
@@ -182,14 +231,18 @@ impl<'de> Visitor<'de> for Dups<'_> {
         if self.depth > 128 {
             return Err(de::Error::custom("nested too deeply"));
         }
+        let base = self.path.len();
         let mut i = 0usize;
         loop {
+            self.path.truncate(base);
+            push_index(self.path, i);
             let seed = Dups {
-                path: format!("{}[{i}]", self.path),
+                path: &mut *self.path,
                 out: &mut *self.out,
                 depth: self.depth + 1,
             };
             if seq.next_element_seed(seed)?.is_none() {
+                self.path.truncate(base);
                 return Ok(());
             }
             i += 1;
@@ -199,24 +252,45 @@ impl<'de> Visitor<'de> for Dups<'_> {
         if self.depth > 128 {
             return Err(de::Error::custom("nested too deeply"));
         }
-        let mut keys = std::collections::HashSet::new();
+        let base = self.path.len();
+        let mut keys = SeenKeys::Few(Vec::new());
         while let Some(key) = map.next_key::<String>()? {
-            let here = if self.path.is_empty() {
-                key.clone()
-            } else {
-                format!("{}.{key}", self.path)
-            };
+            self.path.truncate(base);
+            push_field(self.path, &key);
             if !keys.insert(key) {
-                self.out.push(here.clone());
+                self.out.push(self.path.clone());
             }
             map.next_value_seed(Dups {
-                path: here,
+                path: &mut *self.path,
                 out: &mut *self.out,
                 depth: self.depth + 1,
             })?;
         }
+        self.path.truncate(base);
         Ok(())
     }
+}
+
+/// Appends `.name` to a field path (just `name` at the top).
+fn push_field(path: &mut String, name: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(name);
+}
+
+/// Appends `[i]` to a field path.
+fn push_index(path: &mut String, i: usize) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(path, "[{i}]");
+}
+
+/// Appends `[key]` to a field path.
+fn push_key(path: &mut String, key: &str) {
+    path.push('[');
+    path.push_str(key);
+    path.push(']');
 }
 
 /// Looks `name` up among a message's fields, including those of structs it
@@ -246,10 +320,12 @@ fn plain_message(ty: Ty) -> Option<u16> {
 }
 
 /// Records the unknown fields under `v` (and removes them with `prune`).
+/// `path` is the path of `v`; it is extended while the walk is below a
+/// field and restored before returning (copied only for an unknown field).
 fn walk(
     index: u16,
     v: &mut Value,
-    path: &str,
+    path: &mut String,
     top: bool,
     out: &mut Vec<String>,
     depth: usize,
@@ -259,59 +335,48 @@ fn walk(
     if depth > 64 {
         return;
     }
+    let base = path.len();
     let mut drop = Vec::new();
     for (k, child) in map.iter_mut() {
         if top && (k == "apiVersion" || k == "kind") {
             continue;
         }
-        let here = if path.is_empty() {
-            k.clone()
-        } else {
-            format!("{path}.{k}")
-        };
+        path.truncate(base);
+        push_field(path, k);
         let Some(field) = find(index, k, 0) else {
-            out.push(here);
+            out.push(path.clone());
             drop.push(k.clone());
             continue;
         };
         match field.label {
             Label::Single => {
                 if let Some(i) = plain_message(field.ty) {
-                    walk(i, child, &here, false, out, depth + 1, prune);
+                    walk(i, child, path, false, out, depth + 1, prune);
                 }
             }
             Label::Repeated => {
                 if let (Some(i), Some(items)) = (plain_message(field.ty), child.as_array_mut()) {
+                    let here = path.len();
                     for (n, item) in items.iter_mut().enumerate() {
-                        walk(
-                            i,
-                            item,
-                            &format!("{here}[{n}]"),
-                            false,
-                            out,
-                            depth + 1,
-                            prune,
-                        );
+                        path.truncate(here);
+                        push_index(path, n);
+                        walk(i, item, path, false, out, depth + 1, prune);
                     }
                 }
             }
             Label::Map(value_ty) => {
                 if let (Some(i), Some(entries)) = (plain_message(value_ty), child.as_object_mut()) {
+                    let here = path.len();
                     for (key, item) in entries.iter_mut() {
-                        walk(
-                            i,
-                            item,
-                            &format!("{here}[{key}]"),
-                            false,
-                            out,
-                            depth + 1,
-                            prune,
-                        );
+                        path.truncate(here);
+                        push_key(path, key);
+                        walk(i, item, path, false, out, depth + 1, prune);
                     }
                 }
             }
         }
     }
+    path.truncate(base);
     if prune {
         for k in drop {
             map.remove(&k);
@@ -355,6 +420,33 @@ mod tests {
             Vec::<String>::new()
         );
         assert!(unknown_fields("example.com/v1", "Widget", &cm).is_none());
+    }
+
+    #[test]
+    fn duplicates_in_large_objects_and_after_arrays_keep_their_paths() {
+        // 40 distinct keys, then a repeat of the third: past the short
+        // list, in the hash set.
+        let mut labels: Vec<String> = (0..40).map(|i| format!("\"k{i}\":\"v\"")).collect();
+        labels.push("\"k2\":\"again\"".into());
+        let body = format!(
+            r#"{{"metadata":{{"labels":{{{}}}}},"spec":{{"containers":[{{"name":"a"}},{{"name":"b","ports":[{{"containerPort":1,"containerPort":2}}]}}],"x":1,"x":2}}}}"#,
+            labels.join(",")
+        );
+        assert_eq!(
+            duplicate_fields(body.as_bytes()),
+            [
+                "metadata.labels.k2",
+                "spec.containers[1].ports[0].containerPort",
+                "spec.x"
+            ]
+        );
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "a", "image": "i"}, {"name": "b", "image": "i", "bogus": 1}],
+                     "nodeSelector": {"a": "b"}, "typo": 2}});
+        assert_eq!(
+            unknown_fields("v1", "Pod", &pod).unwrap(),
+            ["spec.containers[1].bogus", "spec.typo"]
+        );
     }
 
     #[test]
