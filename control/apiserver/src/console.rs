@@ -24,63 +24,31 @@ pub struct Asset {
 
 const JS: &str = "text/javascript; charset=utf-8";
 
+/// An asset served under its file name in `control/apiserver/console/`
+/// (one name for both, so the two cannot drift apart).
+macro_rules! embedded {
+    ($name:literal, $content_type:expr) => {
+        Asset {
+            name: $name,
+            content_type: $content_type,
+            body: include_bytes!(concat!("../console/", $name)),
+        }
+    };
+}
+
 /// Every file under `control/apiserver/console/`.
 pub const ASSETS: &[Asset] = &[
-    Asset {
-        name: "index.html",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../console/index.html"),
-    },
-    Asset {
-        name: "style.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../console/style.css"),
-    },
-    Asset {
-        name: "favicon.svg",
-        content_type: "image/svg+xml",
-        body: include_bytes!("../console/favicon.svg"),
-    },
-    Asset {
-        name: "app.js",
-        content_type: JS,
-        body: include_bytes!("../console/app.js"),
-    },
-    Asset {
-        name: "api.js",
-        content_type: JS,
-        body: include_bytes!("../console/api.js"),
-    },
-    Asset {
-        name: "util.js",
-        content_type: JS,
-        body: include_bytes!("../console/util.js"),
-    },
-    Asset {
-        name: "overview.js",
-        content_type: JS,
-        body: include_bytes!("../console/overview.js"),
-    },
-    Asset {
-        name: "workloads.js",
-        content_type: JS,
-        body: include_bytes!("../console/workloads.js"),
-    },
-    Asset {
-        name: "servicemap.js",
-        content_type: JS,
-        body: include_bytes!("../console/servicemap.js"),
-    },
-    Asset {
-        name: "policies.js",
-        content_type: JS,
-        body: include_bytes!("../console/policies.js"),
-    },
-    Asset {
-        name: "events.js",
-        content_type: JS,
-        body: include_bytes!("../console/events.js"),
-    },
+    embedded!("index.html", "text/html; charset=utf-8"),
+    embedded!("style.css", "text/css; charset=utf-8"),
+    embedded!("favicon.svg", "image/svg+xml"),
+    embedded!("app.js", JS),
+    embedded!("api.js", JS),
+    embedded!("util.js", JS),
+    embedded!("overview.js", JS),
+    embedded!("workloads.js", JS),
+    embedded!("servicemap.js", JS),
+    embedded!("policies.js", JS),
+    embedded!("events.js", JS),
 ];
 
 /// The asset a path below `/ui` names (`""` is the page itself).

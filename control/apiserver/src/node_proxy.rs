@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use skep_client::tls::AnyServerCert;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 use tokio_rustls::TlsConnector;
 
@@ -52,61 +53,14 @@ impl std::fmt::Debug for NodeProxy {
     }
 }
 
-/// Accepts any kubelet serving certificate. kube-apiserver does the same
-/// unless `--kubelet-certificate-authority` is given: kubelets serve with
+/// TLS to kubelets as the API server: the kubelet-client certificate as
+/// client identity, any kubelet serving certificate, and `alpn` (HTTP/1.1
+/// for upgrades, h2 for gRPC).
+///
+/// Any kubelet serving certificate: kube-apiserver does the same unless
+/// `--kubelet-certificate-authority` is given, since kubelets serve with
 /// self-signed certificates. The handshake signatures are still checked,
 /// and the kubelet authenticates us by our client certificate.
-#[derive(Debug)]
-struct AnyKubeletCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyKubeletCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// TLS to kubelets as the API server: the kubelet-client certificate as
-/// client identity, any kubelet serving certificate (see
-/// [`AnyKubeletCert`]), and `alpn` (HTTP/1.1 for upgrades, h2 for gRPC).
 pub(crate) fn kubelet_client_tls(
     credentials: &Credentials,
     alpn: &[u8],
@@ -122,7 +76,7 @@ pub(crate) fn kubelet_client_tls(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyKubeletCert(provider)))
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert::new(provider)))
         .with_client_auth_cert(certs, key)
         .map_err(|e| format!("kubelet-client certificate: {e}"))?;
     config.alpn_protocols = vec![alpn.to_vec()];

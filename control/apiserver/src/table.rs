@@ -207,54 +207,43 @@ pub fn human_duration(secs: i64) -> String {
     }
     let m = s / 60;
     if m < 10 {
-        let rem = s % 60;
-        return if rem == 0 {
-            format!("{m}m")
-        } else {
-            format!("{m}m{rem}s")
-        };
+        return two_units(m, "m", s % 60, "s");
     }
     if m < 180 {
         return format!("{m}m");
     }
     let h = s / 3600;
     if h < 8 {
-        let rem = m % 60;
-        return if rem == 0 {
-            format!("{h}h")
-        } else {
-            format!("{h}h{rem}m")
-        };
+        return two_units(h, "h", m % 60, "m");
     }
     if h < 48 {
         return format!("{h}h");
     }
     let d = h / 24;
     if h < 24 * 8 {
-        let rem = h % 24;
-        return if rem == 0 {
-            format!("{d}d")
-        } else {
-            format!("{d}d{rem}h")
-        };
+        return two_units(d, "d", h % 24, "h");
     }
     if d < 365 * 2 {
         return format!("{d}d");
     }
     let y = d / 365;
     if d < 365 * 8 {
-        let rem = d % 365;
-        return if rem == 0 {
-            format!("{y}y")
-        } else {
-            format!("{y}y{rem}d")
-        };
+        return two_units(y, "y", d % 365, "d");
     }
     format!("{y}y")
 }
 
+/// `3m20s`; the smaller unit is left out when it is 0 (`3m`).
+fn two_units(n: i64, unit: &str, rem: i64, rem_unit: &str) -> String {
+    if rem == 0 {
+        format!("{n}{unit}")
+    } else {
+        format!("{n}{unit}{rem}{rem_unit}")
+    }
+}
+
 fn age_of(ts: Option<&str>) -> String {
-    match ts.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()) {
+    match ts.and_then(rfc3339) {
         Some(t) => {
             human_duration((chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds())
         }
@@ -268,6 +257,30 @@ fn s(v: &Value, ptr: &str) -> String {
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::Bool(b)) => b.to_string(),
         _ => String::new(),
+    }
+}
+
+fn rfc3339(t: &str) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+    chrono::DateTime::parse_from_rfc3339(t).ok()
+}
+
+/// The string at `ptr`, or `default` when it is absent or empty (a field
+/// the API server leaves unset but kubectl shows with its default).
+fn s_or(v: &Value, ptr: &str, default: &str) -> String {
+    let found = s(v, ptr);
+    if found.is_empty() {
+        default.to_owned()
+    } else {
+        found
+    }
+}
+
+/// `parts` joined with `sep`, or `empty` when there are none.
+fn joined(parts: &[String], sep: &str, empty: &str) -> String {
+    if parts.is_empty() {
+        empty.to_owned()
+    } else {
+        parts.join(sep)
     }
 }
 
@@ -321,11 +334,7 @@ fn hpa_targets(o: &Value) -> String {
             }
         })
         .collect();
-    if parts.is_empty() {
-        "<none>".into()
-    } else {
-        parts.join(", ")
-    }
+    joined(&parts, ", ", "<none>")
 }
 
 fn or_none(s: String) -> String {
@@ -368,11 +377,7 @@ pub fn selector_string(sel: Option<&Value>) -> String {
             });
         }
     }
-    if parts.is_empty() {
-        "<none>".into()
-    } else {
-        parts.join(",")
-    }
+    joined(&parts, ",", "<none>")
 }
 
 fn containers_and_images(spec: Option<&Value>) -> (String, String) {
@@ -489,11 +494,7 @@ fn service_row(o: &Value) -> Vec<Value> {
         json!(ty),
         json!(or_none(s(o, "/spec/clusterIP"))),
         json!(external),
-        json!(if ports.is_empty() {
-            "<none>".into()
-        } else {
-            ports.join(",")
-        }),
+        json!(joined(&ports, ",", "<none>")),
         json!(age_of(objects::meta_str(o, "creationTimestamp"))),
         json!(selector_string(o.pointer("/spec/selector"))),
     ]
@@ -544,11 +545,7 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             vec![
                 name,
                 json!(status),
-                json!(if roles.is_empty() {
-                    "<none>".into()
-                } else {
-                    roles.join(",")
-                }),
+                json!(joined(&roles, ",", "<none>")),
                 age,
                 json!(s(o, "/status/nodeInfo/kubeletVersion")),
                 json!(addr("InternalIP")),
@@ -595,15 +592,7 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
                     }
                 }
             }
-            vec![
-                name,
-                json!(if eps.is_empty() {
-                    "<none>".into()
-                } else {
-                    eps.join(",")
-                }),
-                age,
-            ]
+            vec![name, json!(joined(&eps, ",", "<none>")), age]
         }
         ("", "events") => vec![
             json!(age_of(
@@ -654,16 +643,8 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
                     objects::name(o).to_owned()
                 }),
                 json!(s(o, "/provisioner")),
-                json!(if s(o, "/reclaimPolicy").is_empty() {
-                    "Delete".to_owned()
-                } else {
-                    s(o, "/reclaimPolicy")
-                }),
-                json!(if s(o, "/volumeBindingMode").is_empty() {
-                    "Immediate".to_owned()
-                } else {
-                    s(o, "/volumeBindingMode")
-                }),
+                json!(s_or(o, "/reclaimPolicy", "Delete")),
+                json!(s_or(o, "/volumeBindingMode", "Immediate")),
                 json!(
                     o.get("allowVolumeExpansion")
                         .and_then(Value::as_bool)
@@ -677,23 +658,7 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             json!(s(o, "/status/phase")),
             json!(s(o, "/spec/volumeName")),
             json!(s(o, "/status/capacity/storage")),
-            json!(
-                o.pointer("/status/accessModes")
-                    .and_then(Value::as_array)
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|v| v.as_str())
-                        .map(|m| match m {
-                            "ReadWriteOnce" => "RWO",
-                            "ReadOnlyMany" => "ROX",
-                            "ReadWriteMany" => "RWX",
-                            "ReadWriteOncePod" => "RWOP",
-                            x => x,
-                        })
-                        .collect::<Vec<_>>()
-                        .join(","))
-                    .unwrap_or_default()
-            ),
+            json!(short_access_modes(o.pointer("/status/accessModes"))),
             json!(s(o, "/spec/storageClassName")),
             age,
         ],
@@ -767,14 +732,8 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             } else {
                 "Running"
             };
-            let duration = match (
-                o.pointer("/status/startTime")
-                    .and_then(Value::as_str)
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
-                o.pointer("/status/completionTime")
-                    .and_then(Value::as_str)
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
-            ) {
+            let at = |ptr: &str| o.pointer(ptr).and_then(Value::as_str).and_then(rfc3339);
+            let duration = match (at("/status/startTime"), at("/status/completionTime")) {
                 (Some(a), Some(b)) => human_duration((b - a).num_seconds()),
                 (Some(a), None) => human_duration(
                     (chrono::Utc::now() - a.with_timezone(&chrono::Utc)).num_seconds(),
@@ -864,16 +823,8 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
             vec![
                 name,
                 json!(s(o, "/addressType")),
-                json!(if ports.is_empty() {
-                    "<unset>".into()
-                } else {
-                    ports.join(",")
-                }),
-                json!(if eps.is_empty() {
-                    "<unset>".into()
-                } else {
-                    eps.join(",")
-                }),
+                json!(joined(&ports, ",", "<unset>")),
+                json!(joined(&eps, ",", "<unset>")),
                 age,
             ]
         }
@@ -887,11 +838,7 @@ fn row(info: &ResourceInfo, o: &Value) -> Vec<Value> {
                     .unwrap_or(false)
             ),
             age,
-            json!(if s(o, "/preemptionPolicy").is_empty() {
-                "PreemptLowerPriority".to_owned()
-            } else {
-                s(o, "/preemptionPolicy")
-            }),
+            json!(s_or(o, "/preemptionPolicy", "PreemptLowerPriority")),
         ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             vec![

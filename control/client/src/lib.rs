@@ -8,6 +8,7 @@
 
 pub mod identity;
 pub mod kubeconfig;
+pub mod tls;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};

@@ -60,12 +60,7 @@ impl CronJobController {
             cronjobs: informers.get_or_create(client.info(CRON_JOBS)?),
             jobs: informers.get_or_create(client.info(JOBS)?),
         });
-        let q = queue.clone();
-        c.cronjobs.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
+        c.cronjobs.on_change(crate::enqueue::own_key(&queue));
         let q = queue.clone();
         c.jobs.on_change(Arc::new(move |ch: &Change| {
             for j in [&ch.old, &ch.new].into_iter().flatten() {

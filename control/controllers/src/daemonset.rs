@@ -10,6 +10,7 @@
 use crate::{
     client::{Client, NODES, PODS},
     deployment::{int_or_percent, template_hash},
+    enqueue,
     error::Result,
     events::EventType,
     informer::{Change, Informer, Informers},
@@ -77,12 +78,7 @@ impl DaemonSetController {
                 .get_or_create(client.info(crate::revisions::CONTROLLER_REVISIONS)?),
             written: OwnWrites::default(),
         });
-        let q = queue.clone();
-        c.sets.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
+        c.sets.on_change(enqueue::own_key(&queue));
         let (q, sets) = (queue.clone(), c.sets.clone());
         c.nodes.on_change(Arc::new(move |ch: &Change| {
             // Only what changes eligibility matters, not heartbeats.
@@ -97,14 +93,7 @@ impl DaemonSetController {
             }
         }));
         for inf in [&c.pods, &c.revisions] {
-            let q = queue.clone();
-            inf.on_change(Arc::new(move |ch: &Change| {
-                for p in [&ch.old, &ch.new].into_iter().flatten() {
-                    if let Some(owner) = meta::controller_key(p, "DaemonSet") {
-                        q.add(owner);
-                    }
-                }
-            }));
+            inf.on_change(enqueue::controller_of(&queue, "DaemonSet"));
         }
         Ok(crate::runner::spawn(c, queue, 2))
     }
@@ -189,14 +178,14 @@ impl Reconciler for DaemonSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        self.written.catch_up(key, &self.pods).await;
-        let Some(ds) = self.sets.get(key) else {
-            self.written.forget(key);
+        let Some(ds) = self
+            .written
+            .current(key, &self.pods, &self.sets)
+            .await
+            .filter(|ds| !meta::is_deleting(ds))
+        else {
             return Ok(Requeue::No);
         };
-        if meta::is_deleting(&ds) {
-            return Ok(Requeue::No);
-        }
         let uid = meta::uid(&ds).to_owned();
         let ns = meta::namespace(&ds).unwrap_or("default").to_owned();
         let template = ds.pointer("/spec/template").cloned().unwrap_or(json!({}));

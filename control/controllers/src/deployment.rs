@@ -8,6 +8,7 @@
 
 use crate::{
     client::{Client, DEPLOYMENTS, PODS, REPLICA_SETS},
+    enqueue,
     error::Result,
     events::EventType,
     informer::{Change, Informer, Informers},
@@ -243,12 +244,7 @@ impl DeploymentController {
             pods: informers.get_or_create(client.info(PODS)?),
             written: OwnWrites::default(),
         });
-        let q = queue.clone();
-        c.deployments.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
+        c.deployments.on_change(enqueue::own_key(&queue));
         let q = queue.clone();
         let deployments = c.deployments.clone();
         c.sets.on_change(Arc::new(move |ch: &Change| {
@@ -257,30 +253,11 @@ impl DeploymentController {
             if let Some(rs) = &ch.new
                 && meta::controller_uid(rs).is_none()
                 && !meta::is_deleting(rs)
-                && let Some(ns) = meta::namespace(rs)
             {
-                let labels = meta::labels(rs);
-                for d in deployments.list_ns(ns) {
-                    if meta::selector(&d).is_some_and(|sel| sel.matches(&labels)) {
-                        q.add(meta::key(&d));
-                    }
-                }
+                enqueue::adopters(&q, &deployments, rs);
             }
             for rs in [&ch.old, &ch.new].into_iter().flatten() {
-                let (Some(uid), Some(ns)) = (meta::controller_uid(rs), meta::namespace(rs)) else {
-                    continue;
-                };
-                for r in meta::owner_refs(rs) {
-                    if r.get("kind").and_then(Value::as_str) == Some("Deployment")
-                        && r.get("uid").and_then(Value::as_str) == Some(uid)
-                        && let Some(n) = r.get("name").and_then(Value::as_str)
-                    {
-                        let key = format!("{ns}/{n}");
-                        if deployments.get(&key).is_some_and(|d| meta::uid(&d) == uid) {
-                            q.add(key);
-                        }
-                    }
-                }
+                enqueue::live_controller(&q, &deployments, "Deployment", rs);
             }
         }));
         // A pod going away may let a Recreate rollout proceed: wake the
@@ -322,53 +299,16 @@ impl DeploymentController {
     /// and lets go of owned ones it no longer matches; true if it changed
     /// anything.
     async fn adopt_and_release(&self, key: &str, d: &Value) -> Result<bool> {
-        let Some(selector) = meta::selector(d) else {
-            return Ok(false);
-        };
-        let uid = meta::uid(d);
-        let mut changed = false;
-        for rs in self.sets.list_ns(meta::namespace(d).unwrap_or("default")) {
-            if meta::is_deleting(&rs) {
-                continue;
-            }
-            let matches = selector.matches(&meta::labels(&rs));
-            let refs = meta::owner_refs(&rs);
-            let next: Vec<Value> = match meta::controller_uid(&rs) {
-                None if matches => {
-                    let mut r = refs;
-                    r.push(meta::controller_ref(d, "apps/v1", "Deployment"));
-                    r
-                }
-                Some(u) if u == uid && !matches => refs
-                    .into_iter()
-                    .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
-                    .collect(),
-                _ => continue,
-            };
-            let patch = json!({"metadata": {
-                "ownerReferences": if next.is_empty() { Value::Null } else { json!(next) },
-                "resourceVersion": meta::resource_version(&rs).to_string(),
-            }});
-            match self
-                .client
-                .patch(
-                    REPLICA_SETS,
-                    meta::namespace(&rs),
-                    meta::name(&rs),
-                    None,
-                    patch,
-                )
-                .await
-            {
-                Ok(out) => {
-                    self.written.note(key, meta::resource_version(&out));
-                    changed = true;
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(changed)
+        crate::adoption::adopt_and_release(
+            &self.client,
+            &self.written,
+            key,
+            d,
+            meta::controller_ref(d, "apps/v1", "Deployment"),
+            &self.sets,
+            |rs| !meta::is_deleting(rs),
+        )
+        .await
     }
 
     async fn scale(&self, key: &str, rs: &Value, replicas: i64, d: &Value) -> Result<()> {
@@ -872,14 +812,14 @@ impl Reconciler for DeploymentController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        self.written.catch_up(key, &self.sets).await;
-        let Some(d) = self.deployments.get(key) else {
-            self.written.forget(key);
+        let Some(d) = self
+            .written
+            .current(key, &self.sets, &self.deployments)
+            .await
+            .filter(|d| !meta::is_deleting(d))
+        else {
             return Ok(Requeue::No);
         };
-        if meta::is_deleting(&d) {
-            return Ok(Requeue::No);
-        }
         let uid = meta::uid(&d).to_owned();
         let ns = meta::namespace(&d).unwrap_or("default").to_owned();
         if self.adopt_and_release(key, &d).await? {

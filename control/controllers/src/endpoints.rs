@@ -163,12 +163,7 @@ impl EndpointsController {
             slices: informers.get_or_create(client.info(ENDPOINT_SLICES)?),
             endpoints: informers.get_or_create(client.info(ENDPOINTS)?),
         });
-        let q = queue.clone();
-        c.services.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
+        c.services.on_change(crate::enqueue::own_key(&queue));
         let q = queue.clone();
         let services = c.services.clone();
         c.pods.on_change(Arc::new(move |ch: &Change| {

@@ -8,9 +8,10 @@
 
 use crate::{
     client::{Client, PODS},
+    enqueue,
     error::Result,
     events::EventType,
-    informer::{Change, Informer, Informers},
+    informer::{Informer, Informers},
     meta,
     own_writes::OwnWrites,
     queue::Queue,
@@ -137,20 +138,8 @@ impl JobController {
             pods: informers.get_or_create(client.info(PODS)?),
             written: OwnWrites::default(),
         });
-        let q = queue.clone();
-        c.jobs.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
-        let q = queue.clone();
-        c.pods.on_change(Arc::new(move |ch: &Change| {
-            for p in [&ch.old, &ch.new].into_iter().flatten() {
-                if let Some(owner) = meta::controller_key(p, "Job") {
-                    q.add(owner);
-                }
-            }
-        }));
+        c.jobs.on_change(enqueue::own_key(&queue));
+        c.pods.on_change(enqueue::controller_of(&queue, "Job"));
         Ok(crate::runner::spawn(c, queue, 2))
     }
 
@@ -255,14 +244,14 @@ impl Reconciler for JobController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        self.written.catch_up(key, &self.pods).await;
-        let Some(job) = self.jobs.get(key) else {
-            self.written.forget(key);
+        let Some(job) = self
+            .written
+            .current(key, &self.pods, &self.jobs)
+            .await
+            .filter(|job| !meta::is_deleting(job))
+        else {
             return Ok(Requeue::No);
         };
-        if meta::is_deleting(&job) {
-            return Ok(Requeue::No);
-        }
         if finished(&job).is_some() {
             return self.finish_with_ttl(&job).await;
         }

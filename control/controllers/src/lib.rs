@@ -9,6 +9,7 @@
 //! same validation and defaulting as any client. [`leader`] elects one
 //! active controller manager per cluster with a Lease.
 
+pub mod adoption;
 pub mod client;
 pub mod cron;
 pub mod cronjob;
@@ -16,6 +17,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod enqueue;
 pub mod error;
 pub mod events;
 pub mod gc;

@@ -122,6 +122,22 @@ pub fn condition<'a>(o: &'a Value, kind: &str) -> Option<&'a Value> {
         .find(|c| c.get("type").and_then(Value::as_str) == Some(kind))
 }
 
+/// `o`'s status conditions with `new` in place of any of its type, last
+/// (a status patch replaces the whole list).
+pub fn with_condition(o: &Value, new: Value) -> Vec<Value> {
+    let kind = new.get("type").and_then(Value::as_str).unwrap_or("");
+    let mut conditions: Vec<Value> = o
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.get("type").and_then(Value::as_str) != Some(kind))
+        .collect();
+    conditions.push(new);
+    conditions
+}
+
 pub fn condition_true(o: &Value, kind: &str) -> bool {
     condition(o, kind)
         .and_then(|c| c.get("status"))

@@ -233,6 +233,22 @@ impl NodeLifecycle {
         Ok(())
     }
 
+    /// Deletes `pod` (that incarnation) without a grace period: its node
+    /// is gone, so no kubelet will ever finish it. Already gone is fine.
+    async fn force_delete_pod(&self, pod: &Value) -> Result<()> {
+        crate::client::ignore_not_found(
+            self.client
+                .force_delete(
+                    PODS,
+                    meta::namespace(pod),
+                    meta::name(pod),
+                    Some(meta::uid(pod)),
+                )
+                .await,
+        )?;
+        Ok(())
+    }
+
     async fn mark_unknown(&self, node: &Value) -> Result<()> {
         let now = meta::now_rfc3339();
         let conditions: Vec<Value> = node
@@ -280,16 +296,7 @@ impl Reconciler for NodeLifecycle {
             // Pod GC: its pods will never be finished by a kubelet.
             for p in self.pods.list() {
                 if meta::node_name(&p) == name {
-                    crate::client::ignore_not_found(
-                        self.client
-                            .force_delete(
-                                PODS,
-                                meta::namespace(&p),
-                                meta::name(&p),
-                                Some(meta::uid(&p)),
-                            )
-                            .await,
-                    )?;
+                    self.force_delete_pod(&p).await?;
                 }
             }
             return Ok(Requeue::No);
@@ -355,16 +362,7 @@ impl Reconciler for TaintEviction {
             // Bound to a node that does not exist (anymore): pod GC, once
             // the node cache has been listed.
             if c.nodes.revision() > 0 {
-                crate::client::ignore_not_found(
-                    c.client
-                        .force_delete(
-                            PODS,
-                            meta::namespace(&pod),
-                            meta::name(&pod),
-                            Some(meta::uid(&pod)),
-                        )
-                        .await,
-                )?;
+                c.force_delete_pod(&pod).await?;
             }
             return Ok(Requeue::No);
         };

@@ -43,6 +43,24 @@ impl OwnWrites {
         }
     }
 
+    /// The start of a reconcile of `key`: waits until `cache` (where this
+    /// key's writes go) has seen them, then reads the object from
+    /// `objects`. `None` when it is gone, and what was known about the key
+    /// is dropped with it.
+    pub async fn current(
+        &self,
+        key: &str,
+        cache: &Informer,
+        objects: &Informer,
+    ) -> Option<std::sync::Arc<Value>> {
+        self.catch_up(key, cache).await;
+        let o = objects.get(key);
+        if o.is_none() {
+            self.forget(key);
+        }
+        o
+    }
+
     /// Deletes `pod` (only that incarnation: uid precondition) on behalf of
     /// `key`, remembering the write; a pod already gone is fine.
     pub async fn delete_pod(&self, client: &Client, key: &str, pod: &Value) -> Result<()> {

@@ -179,19 +179,14 @@ impl PodGc {
             let (ns, name) = meta::split_key(&key);
             tracing::info!(pod = %key, node = %meta::node_name(&p), "deleting a pod whose node is gone");
             if !meta::pod_terminal(&p) {
-                let mut conditions: Vec<Value> = p
-                    .pointer("/status/conditions")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|c| c.get("type").and_then(Value::as_str) != Some("DisruptionTarget"))
-                    .collect();
-                conditions.push(json!({
-                    "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
-                    "message": "PodGC: node no longer exists",
-                    "lastTransitionTime": meta::now_rfc3339(),
-                }));
+                let conditions = meta::with_condition(
+                    &p,
+                    json!({
+                        "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+                        "message": "PodGC: node no longer exists",
+                        "lastTransitionTime": meta::now_rfc3339(),
+                    }),
+                );
                 let patch = json!({"status": {"phase": "Failed", "conditions": conditions}});
                 if let Err(e) = self
                     .client

@@ -11,6 +11,7 @@
 
 use crate::{
     client::{Client, PODS, REPLICA_SETS},
+    enqueue,
     error::Result,
     events::EventType,
     informer::{Change, Informer, Informers},
@@ -51,12 +52,7 @@ impl ReplicaSetController {
             pods: informers.get_or_create(client.info(PODS)?),
             written: OwnWrites::default(),
         });
-        let q = queue.clone();
-        c.sets.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
+        c.sets.on_change(enqueue::own_key(&queue));
         let q = queue.clone();
         let sets = c.sets.clone();
         c.pods.on_change(Arc::new(move |ch: &Change| {
@@ -65,35 +61,13 @@ impl ReplicaSetController {
             if let Some(p) = &ch.new
                 && meta::controller_uid(p).is_none()
                 && meta::pod_active(p)
-                && let Some(ns) = meta::namespace(p)
             {
-                let labels = meta::labels(p);
-                for rs in sets.list_ns(ns) {
-                    if meta::selector(&rs).is_some_and(|sel| sel.matches(&labels)) {
-                        q.add(meta::key(&rs));
-                    }
-                }
+                enqueue::adopters(&q, &sets, p);
             }
             // Wake the owning ReplicaSet (old and new owner, in case the
             // reference changed).
             for p in [&ch.old, &ch.new].into_iter().flatten() {
-                let Some(uid) = meta::controller_uid(p) else {
-                    continue;
-                };
-                let Some(ns) = meta::namespace(p) else {
-                    continue;
-                };
-                for r in meta::owner_refs(p) {
-                    if r.get("kind").and_then(Value::as_str) == Some("ReplicaSet")
-                        && r.get("uid").and_then(Value::as_str) == Some(uid)
-                        && let Some(n) = r.get("name").and_then(Value::as_str)
-                    {
-                        let key = format!("{ns}/{n}");
-                        if sets.get(&key).is_some_and(|rs| meta::uid(&rs) == uid) {
-                            q.add(key);
-                        }
-                    }
-                }
+                enqueue::live_controller(&q, &sets, "ReplicaSet", p);
             }
         }));
         Ok(crate::runner::spawn(c, queue, 4))
@@ -123,47 +97,16 @@ impl ReplicaSetController {
     /// the selector no longer matches, as upstream's ControllerRefManager.
     /// Returns whether anything changed.
     async fn adopt_and_release(&self, key: &str, rs: &Value) -> Result<bool> {
-        let Some(selector) = meta::selector(rs) else {
-            return Ok(false);
-        };
-        let uid = meta::uid(rs);
-        let mut changed = false;
-        for p in self.pods.list_ns(meta::namespace(rs).unwrap_or("default")) {
-            if !meta::pod_active(&p) {
-                continue;
-            }
-            let matches = selector.matches(&meta::labels(&p));
-            let refs = meta::owner_refs(&p);
-            let next = match meta::controller_uid(&p) {
-                None if matches => {
-                    let mut r = refs;
-                    r.push(meta::controller_ref(rs, "apps/v1", "ReplicaSet"));
-                    r
-                }
-                Some(u) if u == uid && !matches => refs
-                    .into_iter()
-                    .filter(|r| r.get("uid").and_then(Value::as_str) != Some(uid))
-                    .collect(),
-                _ => continue,
-            };
-            let patch = json!({"metadata": {
-                "ownerReferences": if next.is_empty() { Value::Null } else { json!(next) },
-                "resourceVersion": meta::resource_version(&p).to_string(),
-            }});
-            match self
-                .client
-                .patch(PODS, meta::namespace(&p), meta::name(&p), None, patch)
-                .await
-            {
-                Ok(out) => {
-                    self.written.note(key, meta::resource_version(&out));
-                    changed = true;
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(changed)
+        crate::adoption::adopt_and_release(
+            &self.client,
+            &self.written,
+            key,
+            rs,
+            meta::controller_ref(rs, "apps/v1", "ReplicaSet"),
+            &self.pods,
+            meta::pod_active,
+        )
+        .await
     }
 
     /// Order of deletion when scaling down: unassigned before assigned,
@@ -261,9 +204,7 @@ impl Reconciler for ReplicaSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        self.written.catch_up(key, &self.pods).await;
-        let Some(rs) = self.sets.get(key) else {
-            self.written.forget(key);
+        let Some(rs) = self.written.current(key, &self.pods, &self.sets).await else {
             return Ok(Requeue::No);
         };
         let uid = meta::uid(&rs).to_owned();

@@ -986,20 +986,15 @@ impl Scheduler {
                 continue;
             };
             tracing::info!(victim = %v.key, preemptor = %meta::key(pod), %node, "preempting");
-            let mut conditions: Vec<Value> = victim
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|c| c.get("type").and_then(Value::as_str) != Some("DisruptionTarget"))
-                .collect();
-            conditions.push(json!({
-                "type": "DisruptionTarget", "status": "True",
-                "reason": "PreemptionByScheduler",
-                "message": format!("{SCHEDULER_NAME}: preempting to accommodate a higher priority pod"),
-                "lastTransitionTime": meta::now_rfc3339(),
-            }));
+            let conditions = meta::with_condition(
+                &victim,
+                json!({
+                    "type": "DisruptionTarget", "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": format!("{SCHEDULER_NAME}: preempting to accommodate a higher priority pod"),
+                    "lastTransitionTime": meta::now_rfc3339(),
+                }),
+            );
             let patch = json!({"status": {"conditions": conditions}});
             if let Err(e) = self
                 .client
@@ -1054,19 +1049,14 @@ impl Scheduler {
             "FailedScheduling",
             message.clone(),
         );
-        let mut conditions: Vec<Value> = pod
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.get("type").and_then(Value::as_str) != Some("PodScheduled"))
-            .collect();
-        conditions.push(json!({
-            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-            "message": message, "lastProbeTime": null,
-            "lastTransitionTime": meta::now_rfc3339(),
-        }));
+        let conditions = meta::with_condition(
+            pod,
+            json!({
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": message, "lastProbeTime": null,
+                "lastTransitionTime": meta::now_rfc3339(),
+            }),
+        );
         crate::client::ignore_not_found(
             self.client
                 .patch(

@@ -16,9 +16,10 @@
 use crate::{
     client::{Client, PODS},
     deployment::template_hash,
+    enqueue,
     error::Result,
     events::EventType,
-    informer::{Change, Informer, Informers},
+    informer::{Informer, Informers},
     meta,
     own_writes::OwnWrites,
     queue::Queue,
@@ -65,21 +66,9 @@ impl StatefulSetController {
                 .get_or_create(client.info(crate::revisions::CONTROLLER_REVISIONS)?),
             written: OwnWrites::default(),
         });
-        let q = queue.clone();
-        c.sets.on_change(Arc::new(move |ch: &Change| {
-            if let Some(o) = ch.object() {
-                q.add(meta::key(o));
-            }
-        }));
+        c.sets.on_change(enqueue::own_key(&queue));
         for inf in [&c.pods, &c.revisions] {
-            let q = queue.clone();
-            inf.on_change(Arc::new(move |ch: &Change| {
-                for p in [&ch.old, &ch.new].into_iter().flatten() {
-                    if let Some(owner) = meta::controller_key(p, "StatefulSet") {
-                        q.add(owner);
-                    }
-                }
-            }));
+            inf.on_change(enqueue::controller_of(&queue, "StatefulSet"));
         }
         Ok(crate::runner::spawn(c, queue, 2))
     }
@@ -181,14 +170,14 @@ impl Reconciler for StatefulSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Requeue> {
-        self.written.catch_up(key, &self.pods).await;
-        let Some(sts) = self.sets.get(key) else {
-            self.written.forget(key);
+        let Some(sts) = self
+            .written
+            .current(key, &self.pods, &self.sets)
+            .await
+            .filter(|sts| !meta::is_deleting(sts))
+        else {
             return Ok(Requeue::No);
         };
-        if meta::is_deleting(&sts) {
-            return Ok(Requeue::No);
-        }
         let set = meta::name(&sts).to_owned();
         let uid = meta::uid(&sts).to_owned();
         let ns = meta::namespace(&sts).unwrap_or("default").to_owned();

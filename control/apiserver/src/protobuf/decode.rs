@@ -9,14 +9,12 @@
 
 use super::{
     MAGIC, ProtobufError,
+    ctx::Ctx,
     schema::{self, Label, Special, Ty},
     wire::{self, Raw},
 };
 use base64::Engine;
 use serde_json::{Map, Number, Value};
-
-/// How deep objects may nest (JSONSchemaProps can recurse).
-const MAX_DEPTH: usize = 100;
 
 /// Fields whose zero value is meaningful (pointers in the Go types), kept
 /// when present even though zero.
@@ -72,24 +70,6 @@ const KEEP_ZERO_IN: &[(&str, &str)] = &[
     ("ScaleSpec", "replicas"),
     ("StatefulSetSpec", "replicas"),
 ];
-
-struct Ctx {
-    path: Vec<String>,
-    depth: usize,
-}
-
-impl Ctx {
-    fn err(&self, message: impl Into<String>) -> ProtobufError {
-        ProtobufError::Malformed {
-            path: if self.path.is_empty() {
-                "the top level".into()
-            } else {
-                self.path.join(".")
-            },
-            message: message.into(),
-        }
-    }
-}
 
 /// Decodes a whole body: magic, `runtime.Unknown` envelope, object.
 pub fn decode(body: &[u8]) -> Result<Value, ProtobufError> {
@@ -159,17 +139,7 @@ fn decode_unknown(buf: &[u8], depth: usize) -> Result<Value, ProtobufError> {
 /// Decodes the protobuf encoding of one message, named as in the schema
 /// (`api.apps.v1.Deployment`), into its JSON form.
 pub fn decode_message(message: &str, buf: &[u8]) -> Result<Value, ProtobufError> {
-    if !schema::available() {
-        return Err(ProtobufError::NoSchema);
-    }
-    let index = schema::by_name(message).ok_or_else(|| ProtobufError::UnknownKind {
-        api_version: String::new(),
-        kind: message.to_owned(),
-    })?;
-    let mut ctx = Ctx {
-        path: vec![message.rsplit('.').next().unwrap_or(message).to_owned()],
-        depth: 0,
-    };
+    let (index, mut ctx) = Ctx::for_message(message)?;
     message_value(index, buf, &mut ctx)
 }
 
@@ -197,10 +167,7 @@ fn decode_object(
     ctx: &mut Ctx,
 ) -> Result<Map<String, Value>, ProtobufError> {
     let msg = schema::message(index).ok_or_else(|| ctx.err("schema index out of range"))?;
-    if ctx.depth >= MAX_DEPTH {
-        return Err(ProtobufError::TooDeep(MAX_DEPTH));
-    }
-    ctx.depth += 1;
+    ctx.descend()?;
     let mut out = Map::new();
     for (tag, raw) in wire::fields(buf).map_err(|e| ctx.err(e))? {
         let Ok(fi) = msg.fields.binary_search_by_key(&tag, |f| f.tag) else {

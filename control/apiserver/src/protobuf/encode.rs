@@ -10,13 +10,11 @@
 
 use super::{
     MAGIC, ProtobufError,
+    ctx::Ctx,
     schema::{self, Label, Special, Ty},
 };
 use base64::Engine;
 use serde_json::{Map, Value};
-
-/// How deep objects may nest (as in decode.rs).
-const MAX_DEPTH: usize = 100;
 
 /// Wire types.
 const VARINT: u8 = 0;
@@ -40,24 +38,6 @@ fn put_len(out: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
     put_key(out, tag, LEN);
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
-}
-
-struct Ctx {
-    path: Vec<String>,
-    depth: usize,
-}
-
-impl Ctx {
-    fn err(&self, message: impl Into<String>) -> ProtobufError {
-        ProtobufError::Malformed {
-            path: if self.path.is_empty() {
-                "the top level".into()
-            } else {
-                self.path.join(".")
-            },
-            message: message.into(),
-        }
-    }
 }
 
 /// The whole body for `obj`: magic and a `runtime.Unknown` envelope whose
@@ -109,17 +89,7 @@ fn encode_unknown(obj: &Value, depth: usize) -> Result<Vec<u8>, ProtobufError> {
 /// The protobuf encoding of one message, named as in the schema
 /// (`api.core.v1.Pod`), from its JSON form: no envelope.
 pub fn encode_message(message: &str, value: &Value) -> Result<Vec<u8>, ProtobufError> {
-    if !schema::available() {
-        return Err(ProtobufError::NoSchema);
-    }
-    let index = schema::by_name(message).ok_or_else(|| ProtobufError::UnknownKind {
-        api_version: String::new(),
-        kind: message.to_owned(),
-    })?;
-    let mut ctx = Ctx {
-        path: vec![message.rsplit('.').next().unwrap_or(message).to_owned()],
-        depth: 0,
-    };
+    let (index, mut ctx) = Ctx::for_message(message)?;
     message_bytes(index, value, &mut ctx)
 }
 
@@ -145,10 +115,7 @@ pub fn watch_frame(event_type: &str, obj: &Value) -> Result<Vec<u8>, ProtobufErr
 /// The encoding of message `index` from `v` (special JSON forms included).
 fn message_bytes(index: u16, v: &Value, ctx: &mut Ctx) -> Result<Vec<u8>, ProtobufError> {
     let msg = schema::message(index).ok_or_else(|| ctx.err("schema index out of range"))?;
-    if ctx.depth >= MAX_DEPTH {
-        return Err(ProtobufError::TooDeep(MAX_DEPTH));
-    }
-    ctx.depth += 1;
+    ctx.descend()?;
     let mut out = Vec::new();
     match msg.special {
         Special::None => {

@@ -8,6 +8,7 @@
 //! responses to clients that prefer protobuf (objects, lists, Status) and
 //! [`watch_frame`] frames watch events.
 
+mod ctx;
 mod decode;
 mod encode;
 pub mod schema;
