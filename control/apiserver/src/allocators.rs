@@ -64,6 +64,12 @@ fn is_service(info: &ResourceInfo) -> bool {
     info.group.is_empty() && info.plural == "services"
 }
 
+/// Whether creating an object of this resource allocates something
+/// ([`on_create`]) that a failed create must give back.
+pub fn allocates(info: &ResourceInfo) -> bool {
+    is_node(info) || is_service(info)
+}
+
 fn hash(s: &str) -> u32 {
     // FNV-1a: stable across restarts, spreads names over the range.
     s.bytes().fold(0x811c_9dc5u32, |h, b| {

@@ -444,8 +444,11 @@ impl Api {
             let key = info.key(ns.as_deref(), &name);
             // An existing name is reported as such before anything is
             // allocated for the new object (the create below stays the
-            // atomic check).
+            // atomic check, and the only one where nothing is allocated:
+            // a read before every pod or event create would cost a store
+            // round trip each).
             if !given_name.is_empty()
+                && allocators::allocates(info)
                 && self
                     .store
                     .get(&key)
