@@ -14,6 +14,12 @@
 //! events. So an acknowledged write is durable, and a group of 64 concurrent
 //! writers costs one commit, not 64.
 //!
+//! The WAL is copied back into the database file by a checkpointer thread
+//! of its own, not by the commit that crosses SQLite's threshold (its
+//! default): that commit would write back a thousand pages and fsync the
+//! database before answering its group, a stall every few thousand writes
+//! that every write waiting behind it sees.
+//!
 //! Reads run on a small pool of read connections (WAL readers never block
 //! the writer), each inside one read transaction so multi-query reads see
 //! one snapshot.
@@ -49,6 +55,15 @@ const REPLAY_PAGE: i64 = 1000;
 const BROADCAST_GROUPS: usize = 4096;
 /// Events buffered per watcher.
 const WATCH_BUFFER: usize = 1024;
+/// How often the checkpointer looks for committed frames to copy back.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// WAL frames (pages) past which the checkpointer makes the WAL restart
+/// (about 64 MB).
+const WAL_RESTART_FRAMES: i64 = 16_384;
+/// The WAL file is cut back to this size when it restarts (it only grows
+/// while readers hold old snapshots during a burst of writes).
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
 /// Read connections, opened at start; also the most reads run at once.
 /// A read beyond them waits for one: a fresh connection would cost an open
 /// and a cold page cache (every B-tree page read again), more than the
@@ -114,6 +129,13 @@ impl SqliteStore {
             })?;
         }
         let mut writer = open_connection(&path, true)?;
+        // Checkpoints are the checkpointer's (module docs).
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0i64)
+            .map_err(|e| classify(&path, e))?;
+        writer
+            .pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+            .map_err(|e| classify(&path, e))?;
         let fresh = !existed
             || std::fs::metadata(&path)
                 .map(|m| m.len() == 0)
@@ -151,12 +173,25 @@ impl SqliteStore {
             clock: clock.clone(),
             events: events.clone(),
         };
+        let checkpointer = Checkpointer {
+            conn: open_connection(&path, true)?,
+            path: path.clone(),
+            clock: Arc::downgrade(&clock),
+            done: 0,
+        };
         std::thread::Builder::new()
             .name("skep-store-writer".into())
             .spawn(move || writer_state.run(queue))
             .map_err(|e| StoreError::Open {
                 path: path.clone(),
                 detail: format!("starting the writer thread: {e}"),
+            })?;
+        std::thread::Builder::new()
+            .name("skep-store-ckpt".into())
+            .spawn(move || checkpointer.run())
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                detail: format!("starting the checkpointer thread: {e}"),
             })?;
         tracing::info!(path = %path.display(), revision = clock.committed.load(Ordering::Acquire), "SQLite store open");
         Ok(Self {
@@ -260,6 +295,74 @@ fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
             detail: e.to_string(),
         },
         _ => StoreError::Sqlite(e),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checkpointer
+
+/// Copies committed WAL frames back into the database file, off the
+/// commit path. PASSIVE checkpoints take no lock the writer needs and stop
+/// at the oldest snapshot a reader still holds; the writer restarts the
+/// WAL from its beginning once everything in it was copied.
+struct Checkpointer {
+    conn: Connection,
+    path: PathBuf,
+    /// The store's clock: gone once the store is (the thread then ends;
+    /// closing the last connection checkpoints what is left).
+    clock: std::sync::Weak<Clock>,
+    /// The revision the last checkpoint covered.
+    done: Revision,
+}
+
+impl Checkpointer {
+    fn run(mut self) {
+        loop {
+            std::thread::sleep(CHECKPOINT_EVERY);
+            let Some(clock) = self.clock.upgrade() else {
+                break;
+            };
+            let committed = clock.committed.load(Ordering::Acquire);
+            drop(clock);
+            if committed == self.done {
+                continue;
+            }
+            match self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                }) {
+                Ok((_, wal_frames, copied)) => {
+                    // All frames copied: nothing newer than `committed` was
+                    // left behind. Otherwise a reader held some back; look
+                    // again next time.
+                    if copied == wal_frames {
+                        self.done = committed;
+                    }
+                    // The writer restarts the WAL only when it begins at a
+                    // moment everything was copied; writes without a pause
+                    // never give it one. Past this size, a RESTART
+                    // checkpoint waits for the writer, copies the rest
+                    // and makes it start over (a stall of one checkpoint,
+                    // every 64 MB of writes without a pause).
+                    if wal_frames > WAL_RESTART_FRAMES
+                        && let Err(e) =
+                            self.conn
+                                .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(path = %self.path.display(), error = %e, "WAL restart failed; the next look retries");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "WAL checkpoint failed; the next one retries");
+                }
+            }
+        }
+        tracing::debug!(path = %self.path.display(), "store checkpointer stopped");
     }
 }
 
