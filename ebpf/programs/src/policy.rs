@@ -8,7 +8,7 @@
 //! Only the first packet of a connection is judged (or, after the
 //! conntrack forgot it or enforcement was just turned on, its next packet:
 //! a mid-stream packet without an entry is judged like a new one). A TCP
-//! SYN is always judged, even when an entry for its tuple lingers: that
+//! SYN on the entry of a connection that has closed is judged too: the
 //! entry belongs to an earlier connection from the same port (a quick
 //! reconnect, TIME_WAIT reuse), admitted under the rules of its time.
 //! Connections admitted once keep passing after a policy change until
@@ -108,33 +108,46 @@ fn touch(e: *mut PolicyCtValue, p: &Packet, now: u64) {
 }
 
 /// An existing entry for the tuple that already has `flag` (pass), or the
-/// reversed tuple (a reply: pass). `Err` carries the tuple's entry, if
-/// any, for [`admit`] to merge into.
+/// reversed tuple (a reply: pass), unless the packet reopens a closed
+/// connection. `Err` carries the tuple's entry, if any, for [`admit`] to
+/// merge into.
 #[inline(always)]
 fn known(key: &CtKey, flag: u32, p: &Packet, now: u64) -> Result<(), Option<*mut PolicyCtValue>> {
     let existing = POLICY_CT.get_ptr_mut(key);
-    if opens_connection(p) {
-        return Err(existing);
-    }
+    let opening = opens_connection(p);
     if let Some(e) = existing {
         // SAFETY: pointer from a successful lookup.
-        if unsafe { (*e).flags } & flag != 0 {
+        let flags = unsafe { (*e).flags };
+        if flags & flag != 0 && !reopens(opening, flags) {
             touch(e, p, now);
             return Ok(());
         }
     }
     if let Some(e) = POLICY_CT.get_ptr_mut(reversed(key)) {
-        touch(e, p, now);
-        return Ok(());
+        // SAFETY: pointer from a successful lookup.
+        if !reopens(opening, unsafe { (*e).flags }) {
+            touch(e, p, now);
+            return Ok(());
+        }
     }
     Err(existing)
 }
 
-/// A TCP SYN without ACK: the start of a new connection, whatever the
-/// conntrack remembers of its tuple.
+/// A TCP SYN without ACK: a connection attempt (a new one, or the
+/// retransmission of one).
 #[inline(always)]
 fn opens_connection(p: &Packet) -> bool {
     p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// A connection attempt on the entry of a connection that has closed (FIN
+/// or RST seen): a new connection on the same tuple (a quick reconnect
+/// from the same port, TIME_WAIT reuse), judged by the rules of now, not
+/// by the admission of the old one. A retransmitted SYN of a live attempt
+/// finds its entry open and passes on it.
+#[inline(always)]
+fn reopens(opening: bool, entry_flags: u32) -> bool {
+    opening && entry_flags & PCT_F_CLOSING != 0
 }
 
 /// Records that this side admitted the connection.
@@ -142,6 +155,7 @@ fn opens_connection(p: &Packet) -> bool {
 fn admit(
     key: &CtKey,
     existing: Option<*mut PolicyCtValue>,
+    p: &Packet,
     flag: u32,
     src_identity: u32,
     dst_identity: u32,
@@ -150,7 +164,15 @@ fn admit(
     match existing {
         // SAFETY: pointer from a successful lookup in this invocation.
         Some(e) => unsafe {
-            (*e).flags |= flag;
+            if reopens(opens_connection(p), (*e).flags) {
+                // The old connection's admissions and closing state are
+                // not the new one's.
+                (*e).flags = flag;
+                (*e).src_identity = src_identity;
+                (*e).dst_identity = dst_identity;
+            } else {
+                (*e).flags |= flag;
+            }
             (*e).last_seen_ns = now;
         },
         None => {
@@ -243,6 +265,7 @@ pub fn egress(
     admit(
         &key,
         existing,
+        p,
         PCT_F_EGRESS_OK,
         src.identity,
         dst.identity,
@@ -322,6 +345,7 @@ pub fn ingress(ctx: &TcContext, cfg: &LbConfig, p: &Packet, now: u64) -> bool {
     admit(
         &key,
         existing,
+        p,
         PCT_F_INGRESS_OK,
         src.identity,
         dst.identity,
