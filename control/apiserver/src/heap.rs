@@ -10,17 +10,20 @@
 //! the request path, and a burst of lists ends in one trim).
 
 use std::{
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use hyper::body::{Body, Frame, SizeHint};
 
 /// Lists at least this long request a trim.
 pub const LARGE_LIST: usize = 500;
 
-/// How long after the request a trim runs: the list's values and its
-/// response buffer must have been freed by then (a Table of 10,000 pods
-/// takes about half a second to build and send).
-const DELAY: Duration = Duration::from_millis(1500);
+/// How long after a large response was dropped its trim runs: lists in a
+/// burst (a client paging, several clients at once) end in one trim.
+const DELAY: Duration = Duration::from_millis(500);
 
 /// When the requested trim is due (ms since the epoch; 0: none).
 static DUE: AtomicU64 = AtomicU64::new(0);
@@ -49,10 +52,50 @@ pub fn limit_arenas() {
     }
 }
 
-/// Asks for free heap memory to be returned once the current request's
-/// memory is freed (a later request moves the trim later).
-pub fn trim_soon() {
+/// Asks for free heap memory to be returned shortly (a later request
+/// moves the trim later).
+fn trim_soon() {
     DUE.store(now_ms() + DELAY.as_millis() as u64, Ordering::Relaxed);
+}
+
+/// A response body that requests a trim when it is dropped: after its last
+/// frame was written, or when the client went away.
+#[derive(Debug)]
+pub struct TrimWhenDropped<B> {
+    inner: B,
+}
+
+impl<B> TrimWhenDropped<B> {
+    pub fn new(inner: B) -> Self {
+        Self { inner }
+    }
+}
+
+impl<B> Drop for TrimWhenDropped<B> {
+    fn drop(&mut self) {
+        trim_soon();
+    }
+}
+
+impl<B: Body + Unpin> Body for TrimWhenDropped<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    // Passed on: it gives the response its Content-Length.
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Starts the trimming thread (once per process).
@@ -87,5 +130,39 @@ fn trim() {
         // the kernel; 0 keeps no extra padding at the top of the heap.
         let released = unsafe { libc::malloc_trim(0) };
         tracing::debug!(released = released == 1, "heap trimmed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn a_large_response_asks_for_a_trim_only_once_it_is_dropped() {
+        DUE.store(0, Ordering::Relaxed);
+        let body = TrimWhenDropped::new(Full::new(Bytes::from_static(b"0123456789")));
+        // The length goes on (the response's Content-Length).
+        assert_eq!(body.size_hint().exact(), Some(10));
+        let mut body = body;
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            frame.into_data().unwrap(),
+            Bytes::from_static(b"0123456789")
+        );
+        assert!(body.frame().await.is_none());
+        assert_eq!(
+            DUE.load(Ordering::Relaxed),
+            0,
+            "a trim was asked for while the response was still alive"
+        );
+        let before = now_ms();
+        drop(body);
+        let due = DUE.load(Ordering::Relaxed);
+        assert!(
+            due >= before + DELAY.as_millis() as u64,
+            "dropping the response asked for no trim (due: {due})"
+        );
     }
 }

@@ -275,6 +275,16 @@ fn json_response(status: u16, v: &Value, content_type: &str) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
 
+/// The response to a large list gives the heap back once it is dropped
+/// (heap.rs): by then its values and its buffer are freed.
+fn trimmed_after(large: bool, response: Response<Body>) -> Response<Body> {
+    if large {
+        response.map(|b| crate::heap::TrimWhenDropped::new(b).boxed())
+    } else {
+        response
+    }
+}
+
 fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code(), &e.to_status(), "application/json")
 }
@@ -997,24 +1007,26 @@ async fn resource_request(
                     && !proto
                     && let Some((items, revision, token)) = api.list_encoded(r, query).await?
                 {
-                    if items.len() >= crate::heap::LARGE_LIST {
-                        crate::heap::trim_soon();
-                    }
-                    return Ok(encoded_list(info, items, revision, token));
+                    let large = items.len() >= crate::heap::LARGE_LIST;
+                    return Ok(trimmed_after(
+                        large,
+                        encoded_list(info, items, revision, token),
+                    ));
                 }
                 let listed = api.list(r, query).await?;
-                if listed.items.len() >= crate::heap::LARGE_LIST {
-                    crate::heap::trim_soon();
-                }
+                let large = listed.items.len() >= crate::heap::LARGE_LIST;
                 let mut meta = json!({"resourceVersion": listed.revision.to_string()});
                 if let Some(c) = &listed.continue_token {
                     meta["continue"] = json!(c);
                 }
                 if let Some(include) = table {
-                    return Ok(json_response(
-                        200,
-                        &table::table(info, &listed.items, meta, include),
-                        TABLE_CT,
+                    return Ok(trimmed_after(
+                        large,
+                        json_response(
+                            200,
+                            &table::table(info, &listed.items, meta, include),
+                            TABLE_CT,
+                        ),
                     ));
                 }
                 let list = json!({
@@ -1023,7 +1035,7 @@ async fn resource_request(
                     "metadata": meta,
                     "items": listed.items,
                 });
-                return Ok(respond(200, &list, proto));
+                return Ok(trimmed_after(large, respond(200, &list, proto)));
             }
             let obj = api.get(r).await?;
             if let Some(include) = table
