@@ -4,10 +4,14 @@
 //! hundreds of megabytes of short-lived values. glibc keeps freed heap
 //! memory in its arenas for reuse, so after such a burst the server's RSS
 //! stays at the burst's peak: with 10,000 pods stored, 650 MB resident of
-//! which 400 MB was free heap (`malloc_trim` took it to 250 MB). After a
-//! large list, a trim is requested; a thread of its own runs it once the
-//! request's memory is freed (trimming walks every arena, so it stays off
-//! the request path, and a burst of lists ends in one trim).
+//! which 400 MB was free heap (`malloc_trim` took it to 250 MB). The
+//! response to a large list carries a guard ([`TrimWhenDropped`]) that
+//! requests a trim when the response is dropped, once it was sent and what
+//! was built for it is freed; a thread of its own runs the trim shortly
+//! after (trimming walks every arena, so it stays off the request path,
+//! and a burst of lists ends in one trim). A trim requested when the list
+//! is read would run while a slow response (a Table of 10,000 pods takes
+//! seconds on a busy machine) still holds its memory, with none after it.
 
 use std::{
     pin::Pin,
